@@ -1,0 +1,45 @@
+"""NumPy schedulers, one algorithm per file, built from a diffusers `scheduler_config.json`."""
+
+from __future__ import annotations
+
+from ..errors import SdrtError
+from .base import Scheduler
+from .ddim import DDIMScheduler
+from .dpmpp_2m import DPMSolverPlusPlus2MScheduler
+from .euler import EulerScheduler
+from .euler_a import EulerAncestralScheduler
+from .lms import LMSScheduler
+from .pndm import PNDMScheduler
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.name: cls
+    for cls in (DDIMScheduler, PNDMScheduler, DPMSolverPlusPlus2MScheduler, EulerScheduler, EulerAncestralScheduler, LMSScheduler)
+}
+
+# diffusers' class name in a model's scheduler_config.json -> sdrt's scheduler of that algorithm
+DIFFUSERS_CLASS_NAMES = {
+    "DDIMScheduler": "ddim",
+    "PNDMScheduler": "pndm",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_a",
+    "LMSDiscreteScheduler": "lms",
+}
+
+KARRAS_CAPABLE = ("dpmpp_2m", "euler", "lms")
+
+
+def default_scheduler_name(model_config: dict) -> str:
+    """The model's own scheduler where sdrt has it, else dpmpp_2m."""
+    return DIFFUSERS_CLASS_NAMES.get(model_config.get("_class_name", ""), "dpmpp_2m")
+
+
+def make_scheduler(name: str, model_config: dict, karras_sigmas: bool = False) -> Scheduler:
+    if name not in SCHEDULERS:
+        raise SdrtError(f"--scheduler {name!r} is not supported: accepted values are {', '.join(SCHEDULERS)}")
+    overrides = {}
+    if karras_sigmas:
+        if name not in KARRAS_CAPABLE:
+            raise SdrtError(f"--karras applies to schedulers {', '.join(KARRAS_CAPABLE)}, not {name!r}")
+        overrides["use_karras_sigmas"] = True
+    return SCHEDULERS[name](model_config, **overrides)

@@ -1,0 +1,106 @@
+"""Noise schedules and timestep spacings shared by the schedulers, computed as diffusers does.
+
+diffusers builds its tables in float32 torch; the functions here reproduce that arithmetic in
+NumPy (float32 where torch is float32, float64 where diffusers goes through NumPy) so that the
+schedulers match diffusers element-wise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import SdrtError
+from .config import CommonConfig
+
+
+def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    # torch.linspace(start, end, steps, dtype=float32): float32 step, filled from both ends.
+    start32, end32 = np.float32(start), np.float32(end)
+    step = (end32 - start32) / np.float32(steps - 1)
+    idx = np.arange(steps)
+    head = start32 + step * idx.astype(np.float32)
+    tail = end32 - step * (steps - idx - 1).astype(np.float32)
+    return np.where(idx < steps // 2, head, tail).astype(np.float32)
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array(
+        [
+            min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
+            for i in range(num_train_timesteps)
+        ],
+        dtype=np.float32,
+    )
+
+
+def alphas_cumprod(cfg: CommonConfig) -> np.ndarray:
+    """(num_train_timesteps,) float32: the cumulative product of 1 - beta."""
+    n = cfg.num_train_timesteps
+    if cfg.trained_betas is not None:
+        betas = np.asarray(cfg.trained_betas, dtype=np.float32)
+    elif cfg.beta_schedule == "linear":
+        betas = _torch_linspace_f32(cfg.beta_start, cfg.beta_end, n)
+    elif cfg.beta_schedule == "scaled_linear":
+        betas = _torch_linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
+    else:
+        betas = _cosine_betas(n)
+    # torch.cumprod accumulates float32 in double on the CPU
+    return np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
+
+
+def karras_sigma_table(cumprod: np.ndarray) -> np.ndarray:
+    """(num_train_timesteps,) float32: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), ascending in t."""
+    return (((np.float32(1.0) - cumprod) / cumprod) ** np.float32(0.5)).astype(np.float32)
+
+
+def check_steps(num_steps: int, cfg: CommonConfig) -> None:
+    if not 1 <= num_steps <= cfg.num_train_timesteps:
+        raise SdrtError(f"--steps {num_steps} is out of range: accepted values are 1 .. {cfg.num_train_timesteps}")
+
+
+def spaced_timesteps(cfg: CommonConfig, num_steps: int, integer: bool) -> np.ndarray:
+    """(num_steps,) descending timesteps for the config's `timestep_spacing`.
+
+    `integer`: DDIM/PNDM round linspace spacing to int64; the sigma schedulers keep it fractional.
+    """
+    T = cfg.num_train_timesteps
+    if cfg.timestep_spacing == "linspace":
+        if integer:
+            return np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+        return np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1].copy()
+    if cfg.timestep_spacing == "leading":
+        ratio = T // num_steps
+        t = (np.arange(0, num_steps) * ratio).round()[::-1].astype(np.int64 if integer else np.float32)
+        return t + cfg.steps_offset
+    ratio = T / num_steps
+    t = np.round(np.arange(T, 0, -ratio)).astype(np.int64 if integer else np.float32)
+    return t - 1
+
+
+def interp_sigmas(timesteps: np.ndarray, sigma_table: np.ndarray) -> np.ndarray:
+    """(n,) float64: sigma at (possibly fractional) timesteps, linear in t."""
+    return np.interp(timesteps, np.arange(0, len(sigma_table)), sigma_table)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = 7.0) -> np.ndarray:
+    """(num_steps,) float64: Karras et al. 2022, eq. (5)."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray) -> np.ndarray:
+    """(n,) float64: the fractional timestep whose log-sigma interpolates to each sigma."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    dists = log_sigma - log_sigma_table[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigma_table.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigma_table[low_idx], log_sigma_table[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return (1 - w) * low_idx + w * high_idx

@@ -1,0 +1,138 @@
+"""Element-wise parity of every NumPy scheduler with the matching diffusers scheduler."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdrt.errors import SdrtError  # noqa: E402
+from sdrt.schedulers import SCHEDULERS, default_scheduler_name, make_scheduler  # noqa: E402
+
+REFERENCE = {
+    "ddim": diffusers.DDIMScheduler,
+    "pndm": diffusers.PNDMScheduler,
+    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
+    "euler": diffusers.EulerDiscreteScheduler,
+    "euler_a": diffusers.EulerAncestralDiscreteScheduler,
+    "lms": diffusers.LMSDiscreteScheduler,
+}
+TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|, per step
+
+
+def sd_config(prediction_type, spacing, offset, **extra):
+    """A Stable Diffusion style scheduler_config.json (SD 1.5 / 2.1 values)."""
+    return {
+        "_class_name": "PNDMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": offset,
+        "timestep_spacing": spacing,
+        "prediction_type": prediction_type,
+        "trained_betas": None,
+        **extra,
+    }
+
+
+def rel_err(ours, ref):
+    ref = np.asarray(ref, dtype=np.float64)
+    return float(np.abs(np.asarray(ours, dtype=np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+def run_parity(name, config, steps, karras=False):
+    ref = REFERENCE[name].from_config({**config, **({"use_karras_sigmas": True} if karras else {})})
+    ref.set_timesteps(steps)
+    ours = make_scheduler(name, config, karras_sigmas=karras)
+    ours.set_timesteps(steps)
+    assert len(ours.timesteps) == len(ref.timesteps)
+    np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy().astype(np.float32), rtol=1e-6)
+    assert rel_err(ours.init_noise_sigma, float(ref.init_noise_sigma)) <= TOLERANCE
+
+    outputs = torch.Generator().manual_seed(1)
+    ref_noise = torch.Generator().manual_seed(2)
+    our_noise = torch.Generator().manual_seed(2)
+    x_ref = torch.randn((1, 4, 8, 8), generator=outputs) * ref.init_noise_sigma
+    x_ours = x_ref.numpy().copy()
+    for i, t in enumerate(ref.timesteps):
+        scaled_ref = ref.scale_model_input(x_ref, t)
+        scaled_ours = ours.scale_model_input(x_ours, i)
+        assert rel_err(scaled_ours, scaled_ref.numpy()) <= TOLERANCE, (name, steps, i, "scale_model_input")
+        model_output = torch.randn((1, 4, 8, 8), generator=outputs)
+        kwargs = {"generator": ref_noise} if ours.needs_noise else {}
+        x_ref = ref.step(model_output, t, x_ref, **kwargs).prev_sample
+        noise = torch.randn((1, 4, 8, 8), generator=our_noise).numpy() if ours.needs_noise else None
+        x_ours = ours.step(model_output.numpy(), i, x_ours, noise)
+        assert x_ours.dtype == np.float32
+        err = rel_err(x_ours, x_ref.numpy())
+        assert err <= TOLERANCE, (name, steps, i, err)
+        # continue from the reference so that errors do not compound across steps
+        x_ours = x_ref.numpy().copy()
+
+
+GRID = list(
+    itertools.product(
+        sorted(SCHEDULERS), ["epsilon", "v_prediction"], [1, 2, 10, 20, 50], ["leading", "trailing", "linspace"], [0, 1]
+    )
+)
+
+
+@pytest.mark.parametrize("name,prediction_type,steps,spacing,offset", GRID)
+def test_parity_with_diffusers(name, prediction_type, steps, spacing, offset):
+    run_parity(name, sd_config(prediction_type, spacing, offset), steps)
+
+
+@pytest.mark.parametrize(
+    "name,prediction_type,steps,spacing", itertools.product(["dpmpp_2m", "euler", "lms"], ["epsilon", "v_prediction"], [2, 10, 20, 50], ["leading", "linspace"])
+)
+def test_karras_sigmas_parity(name, prediction_type, steps, spacing):
+    run_parity(name, sd_config(prediction_type, spacing, 1), steps, karras=True)
+
+
+@pytest.mark.parametrize("steps", [10, 20, 50])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_pndm_with_runge_kutta_warmup(steps, prediction_type):
+    run_parity("pndm", sd_config(prediction_type, "leading", 1, skip_prk_steps=False), steps)
+
+
+@pytest.mark.parametrize("extra", [{"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02}, {"beta_schedule": "squaredcos_cap_v2"}, {"set_alpha_to_one": True}, {"clip_sample": True}])
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_other_schedule_settings(name, extra):
+    run_parity(name, sd_config("epsilon", "leading", 1, **extra), 20)
+
+
+def test_dpm_settings():
+    for extra in ({"solver_type": "heun"}, {"final_sigmas_type": "sigma_min"}, {"lower_order_final": False}, {"solver_order": 1}):
+        run_parity("dpmpp_2m", sd_config("epsilon", "linspace", 0, **extra), 20)
+        run_parity("dpmpp_2m", sd_config("v_prediction", "trailing", 0, **extra), 10)
+
+
+def test_unsupported_config_value_names_the_key():
+    with pytest.raises(SdrtError, match="'thresholding'"):
+        make_scheduler("ddim", sd_config("epsilon", "leading", 1, thresholding=True))
+    with pytest.raises(SdrtError, match="'algorithm_type'"):
+        make_scheduler("dpmpp_2m", sd_config("epsilon", "leading", 1, algorithm_type="sde-dpmsolver++"))
+    with pytest.raises(SdrtError, match="'timestep_spacing' = 'sideways'"):
+        make_scheduler("euler", sd_config("epsilon", "sideways", 1))
+    with pytest.raises(SdrtError, match="'prediction_type'"):
+        make_scheduler("pndm", sd_config("sample", "leading", 1))
+
+
+def test_unknown_scheduler_and_step_count_errors():
+    with pytest.raises(SdrtError, match="--scheduler 'heun'.*accepted values are"):
+        make_scheduler("heun", sd_config("epsilon", "leading", 1))
+    with pytest.raises(SdrtError, match="--steps 0"):
+        make_scheduler("ddim", sd_config("epsilon", "leading", 1)).set_timesteps(0)
+    with pytest.raises(SdrtError, match="--karras"):
+        make_scheduler("ddim", sd_config("epsilon", "leading", 1), karras_sigmas=True)
+
+
+def test_default_scheduler_follows_the_model():
+    assert default_scheduler_name({"_class_name": "EulerDiscreteScheduler"}) == "euler"
+    assert default_scheduler_name({"_class_name": "UniPCMultistepScheduler"}) == "dpmpp_2m"
