@@ -1,0 +1,70 @@
+"""CLIP tokenizer without torch or transformers: the `tokenizers` library configured as
+transformers' `CLIPTokenizer` configures it, from a model's `vocab.json` + `merges.txt`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from .errors import SdrtError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def _token_text(value) -> str:
+    return value["content"] if isinstance(value, dict) else str(value)
+
+
+class CLIPTokenizer:
+    def __init__(self, folder: Path):
+        for name in ("vocab.json", "merges.txt"):
+            if not (folder / name).is_file():
+                raise SdrtError(f"tokenizer file {folder / name} is missing")
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            if (folder / name).is_file():
+                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+        self.bos = _token_text(settings.get("bos_token", "<|startoftext|>"))
+        self.eos = _token_text(settings.get("eos_token", "<|endoftext|>"))
+        unk = _token_text(settings.get("unk_token", "<|endoftext|>"))
+        self.pad = _token_text(settings.get("pad_token", self.eos))
+        self.max_length = int(settings.get("model_max_length", 77))
+        if self.max_length > 10_000:  # transformers' "no limit" sentinel; CLIP encoders take 77
+            self.max_length = 77
+
+        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+                  if line and not line.startswith("#version")]
+        tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            fuse_unk=False, unk_token=unk))
+        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((self.bos, self.eos, unk, self.pad))])
+        self._tok = tok
+        self.bos_id, self.eos_id, self.pad_id = (tok.token_to_id(t) for t in (self.bos, self.eos, self.pad))
+        if None in (self.bos_id, self.eos_id, self.pad_id):
+            raise SdrtError(f"tokenizer in {folder}: special tokens {self.bos!r}, {self.eos!r}, {self.pad!r} must be in vocab.json")
+
+    def __call__(self, prompts: list[str]) -> np.ndarray:
+        """-> (len(prompts), max_length) int32: bos, tokens, eos, padding; over-long prompts truncated."""
+        ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)
+        room = self.max_length - 2
+        for row, encoding in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):
+            tokens = encoding.ids
+            if len(tokens) > room:
+                log.warning("prompt is %d tokens long; the text encoder takes %d, so the last %d were dropped: %r",
+                            len(tokens), room, len(tokens) - room, prompts[row][:60])
+                tokens = tokens[:room]
+            ids[row, : len(tokens) + 2] = [self.bos_id, *tokens, self.eos_id]
+        return ids
