@@ -1,0 +1,82 @@
+"""Each exported component described once: tensor names, dtypes and dims (symbolic where dynamic).
+
+Exporters, every engine and the pipeline read these descriptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from .model_info import ModelInfo
+
+Dim = int | str  # a fixed size, or the name of a dynamic axis
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple[Dim, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ComponentSpec":
+        def tensors(items):
+            return tuple(TensorSpec(t["name"], t["dtype"], tuple(t["dims"])) for t in items)
+
+        return cls(data["name"], tensors(data["inputs"]), tensors(data["outputs"]))
+
+    def sample_inputs(self, sizes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random inputs with dynamic dims taken from `sizes` (export checks, warm-up)."""
+        feeds = {}
+        for t in self.inputs:
+            shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.dims)
+            if np.issubdtype(np.dtype(t.dtype), np.integer):
+                feeds[t.name] = rng.integers(0, sizes.get("vocab", 1000), size=shape).astype(t.dtype)
+            elif t.name == "timestep":
+                feeds[t.name] = rng.uniform(0, 999, size=shape).astype(t.dtype)
+            else:
+                feeds[t.name] = rng.standard_normal(shape).astype(t.dtype)
+        return feeds
+
+
+def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
+    c, c_out, c_vae = info.latent_channels, info.unet_out_channels, info.vae_latent_channels
+    return {
+        "text_encoder": ComponentSpec(
+            "text_encoder",
+            (TensorSpec("input_ids", "int64", ("batch", info.text_max_length)),),
+            (TensorSpec("last_hidden_state", "float32", ("batch", info.text_max_length, info.text_hidden_size)),),
+        ),
+        "unet": ComponentSpec(
+            "unet",
+            (
+                TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", info.cross_attention_dim)),
+            ),
+            (TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width")),),
+        ),
+        "vae_decoder": ComponentSpec(
+            "vae_decoder",
+            (TensorSpec("latent_sample", "float32", ("batch", c_vae, "latent_height", "latent_width")),),
+            (TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
+        ),
+        "vae_encoder": ComponentSpec(
+            "vae_encoder",
+            (TensorSpec("sample", "float32", ("batch", 3, "height", "width")),),
+            (TensorSpec("latent_parameters", "float32", ("batch", 2 * c_vae, "latent_height", "latent_width")),),
+        ),
+    }
