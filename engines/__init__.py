@@ -1,0 +1,1 @@
+"""Engine backends, one file each, behind the Engine protocol of `base.py`."""

@@ -1,0 +1,135 @@
+"""`sdrt` command line: argparse -> config objects -> calls. Nothing else lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SdrtError
+from .noise import NOISE_KINDS
+
+
+def _build(args: argparse.Namespace) -> None:
+    from .engines.base import BuildConfig
+
+    cfg = BuildConfig(backend=args.backend, precision=args.precision, device=args.device, threads=args.threads)
+    try:
+        from .exporters.build import build_engines
+    except ImportError as exc:
+        raise SdrtError(f"`sdrt build` needs the export extra (torch, diffusers, transformers, onnx): {exc.name} is not installed; "
+                        "run `pip install torch==2.13.0` then `pip install 'sdrt[export]'`") from None
+    manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite)
+    errors = ", ".join(f"{k} {v['export_max_abs_error']:.2g}" for k, v in manifest["components"].items())
+    print(f"built {args.out} ({cfg.backend} {manifest['backend']['version']}, {cfg.precision}, {cfg.device}) "
+          f"in {manifest['build_seconds']} s; export max abs error vs torch: {errors}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .image_io import check_writable, output_paths, save_png
+    from .pipeline import GenerateRequest, StableDiffusion
+
+    req = GenerateRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        seed=args.seed, scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
+        num_images=args.num_images, noise=args.noise,
+    )
+    paths = output_paths(Path(args.output), args.num_images)
+    check_writable(paths, args.overwrite)
+    pipe = StableDiffusion(Path(args.engines), device=args.device, threads=args.threads)
+    try:
+        images = pipe.generate(req, progress=not args.quiet)
+        for index, (image, path) in enumerate(zip(images, paths)):
+            save_png(image, path, pipe.metadata(req, index))
+            print(path)
+    finally:
+        pipe.close()
+
+
+def _info(args: argparse.Namespace) -> None:
+    from .manifest import load_manifest, model_hash
+
+    manifest = load_manifest(Path(args.engines), verify=not args.no_verify)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return
+    model, backend = manifest["model"], manifest["backend"]
+    print(f"engines:     {args.engines} (format {manifest['format_version']}, sdrt {manifest['sdrt_version']}, hash {model_hash(manifest)})")
+    print(f"model:       {model['source']}")
+    print(f"             {model['prediction_type']} prediction, latents {model['latent_channels']} ch / VAE x{model['vae_scale_factor']}, "
+          f"default {model['default_width']}x{model['default_height']}, text {model['text_max_length']} tokens x {model['text_hidden_size']}")
+    print(f"scheduler:   {manifest['scheduler_config'].get('_class_name', '?')} "
+          f"({manifest['scheduler_config'].get('timestep_spacing', '?')} spacing)")
+    print(f"backend:     {backend['name']} {backend['version']} on {backend['device']}, precision {manifest['precision']}")
+    for name, comp in manifest["components"].items():
+        print(f"  {name:<13} export max abs error vs torch {comp['export_max_abs_error']:.2e}")
+    size = sum((Path(args.engines) / rel).stat().st_size for rel in manifest["files"])
+    print(f"files:       {len(manifest['files'])}, {size / 2**20:.1f} MiB, hashes {'not checked' if args.no_verify else 'verified'}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .engines.base import BACKENDS, PRECISIONS
+    from .schedulers import SCHEDULERS
+
+    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime.")
+    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of builds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="export a diffusers model folder and build engines")
+    b.add_argument("model", help="diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    b.add_argument("--out", required=True, help="engine folder to create")
+    b.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(BACKENDS)} (default onnxruntime)")
+    b.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda or tensorrt (onnxruntime-gpu)")
+    b.add_argument("--threads", type=int, default=0, help="threads for the build's optimisation session (0: all cores)")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing engine folder")
+    b.set_defaults(func=_build)
+
+    g = sub.add_parser("generate", help="generate images with built engines")
+    g.add_argument("engines", help="engine folder made by `sdrt build`")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)} (default: the model's own)")
+    g.add_argument("--karras", action="store_true", help="Karras sigma spacing (dpmpp_2m, euler, lms)")
+    g.add_argument("--height", type=int, default=None, help="default: the model's sample size")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--noise", default="torch", choices=NOISE_KINDS, help="torch: same noise as torch.randn for a seed (default)")
+    g.add_argument("--output", required=True, help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--device", default=None, help="default: the device the engines were built for")
+    g.add_argument("--threads", type=int, default=0, help="inference threads (0: all cores)")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("info", help="describe an engine folder")
+    i.add_argument("engines")
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.add_argument("--no-verify", action="store_true", help="skip checking file hashes")
+    i.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdrt: %(message)s")
+    try:
+        args.func(args)
+    except SdrtError as exc:
+        print(f"sdrt: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

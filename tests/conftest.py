@@ -1,0 +1,33 @@
+"""Fixtures: tiny random-weight SD1/SD2 models in diffusers format and engines built from them."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("diffusers")
+    from sdrt.exporters.tiny_models import KINDS, make_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {kind: make_tiny_model(kind, root / kind) for kind in KINDS}
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    from sdrt.engines.base import BuildConfig
+    from sdrt.exporters.build import build_engines
+
+    root = tmp_path_factory.mktemp("engines")
+    out = {}
+    for kind, model in tiny_models.items():
+        build_engines(model, root / kind, BuildConfig(backend="onnxruntime"))
+        out[kind] = root / kind
+    return out

@@ -1,0 +1,62 @@
+"""Whole txt2img pipelines against diffusers' StableDiffusionPipeline: same model, seed, scheduler."""
+
+import numpy as np
+import pytest
+
+from conftest import psnr
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from sdrt.pipeline import GenerateRequest, StableDiffusion  # noqa: E402
+
+REFERENCE = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+MIN_PSNR = 40.0
+
+CASES = [
+    ("sd1", "pndm", 20, 7.5, 1, None),
+    ("sd1", "dpmpp_2m", 20, 7.5, 2, None),
+    ("sd1", "euler_a", 15, 5.0, 1, None),
+    ("sd1", "ddim", 10, 1.0, 1, None),  # no classifier-free guidance
+    ("sd1", "euler", 12, 7.5, 1, (48, 64)),  # non-square, not the default size
+    ("sd1", "lms", 12, 7.5, 1, None),
+    ("sd2", "ddim", 20, 7.5, 1, None),
+    ("sd2", "dpmpp_2m", 20, 7.5, 1, (40, 24)),
+    ("sd2", "euler_a", 15, 7.5, 2, None),
+]
+
+
+@pytest.fixture(scope="module")
+def reference_pipes(tiny_models):
+    return {kind: diffusers.StableDiffusionPipeline.from_pretrained(path, safety_checker=None) for kind, path in tiny_models.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,scheduler,steps,guidance,num_images,size", CASES)
+def test_image_matches_diffusers(kind, scheduler, steps, guidance, num_images, size, tiny_engines, reference_pipes):
+    ref = reference_pipes[kind]
+    ref.scheduler = getattr(diffusers, REFERENCE[scheduler]).from_config(ref.scheduler.config)
+    height, width = size or (None, None)
+    prompt, negative, seed = "a lighthouse at dusk", "blurry", 42
+    expected = ref(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=height,
+                   width=width, num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed),
+                   output_type="np").images
+    expected = (expected * 255).round().astype(np.uint8)
+
+    pipe = StableDiffusion(tiny_engines[kind])
+    got = pipe.generate(GenerateRequest(prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, seed=seed,
+                                        scheduler=scheduler, height=height, width=width, num_images=num_images), progress=False)
+    pipe.close()
+    assert len(got) == num_images
+    for ours, theirs in zip(got, expected):
+        assert ours.shape == theirs.shape
+        assert theirs.std() > 2, "reference image is flat: the comparison would prove nothing"
+        print(kind, scheduler, round(psnr(ours, theirs), 1), round(float(theirs.std()), 1))
+        assert psnr(ours, theirs) >= MIN_PSNR, psnr(ours, theirs)
