@@ -51,6 +51,10 @@ class Engine(Protocol):
     def version(cls) -> str: ...
 
     @classmethod
+    def check(cls, cfg: BuildConfig) -> None:
+        """Raise SdrtError, before any export work, if this backend cannot build `cfg` here."""
+
+    @classmethod
     def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig) -> list[Path]:
         """Turn an exported graph into this backend's artifacts beside it; returns their paths."""
 

@@ -61,9 +61,14 @@ class OnnxRuntimeEngine:
         return ort.__version__
 
     @classmethod
-    def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig) -> list[Path]:
+    def check(cls, cfg: BuildConfig) -> None:
         if cfg.precision not in PRECISIONS:
             raise SdrtError(f"--precision {cfg.precision} is not available for onnxruntime yet: accepted values are {', '.join(PRECISIONS)}")
+        _providers(cfg.device)
+
+    @classmethod
+    def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig) -> list[Path]:
+        cls.check(cfg)
         providers = _providers(cfg.device)
         target = onnx_path.parent / optimized_name(cfg.device)
         data_name = target.name + ".data"

@@ -45,6 +45,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
         raise SdrtError(f"--out {out} is a folder that is not an sdrt engine folder; refusing to replace it, pick another --out")
     info = read_model_info(model_dir)
     engine = engine_class(cfg.backend)
+    engine.check(cfg)
     specs = component_specs(info)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))

@@ -42,8 +42,8 @@ class GenerateRequest:
 
 
 def _check_request(req: GenerateRequest, info: ModelInfo) -> tuple[int, int]:
-    height = req.height or info.default_height
-    width = req.width or info.default_width
+    height = info.default_height if req.height is None else req.height
+    width = info.default_width if req.width is None else req.width
     f = info.vae_scale_factor
     for option, value in (("--height", height), ("--width", width)):
         if value <= 0 or value % f:
@@ -97,7 +97,7 @@ class StableDiffusion:
         latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)  # (n, C, h, w) float32
         unet = self.engines["unet"]
         guidance = np.float32(req.guidance)
-        for i in tqdm(range(len(scheduler.timesteps)), desc="denoising", unit="step", disable=not progress, leave=False):
+        for i in tqdm(range(len(scheduler.timesteps)), desc="denoising", unit="step", disable=None if progress else True, leave=False):
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, i)
             timestep = np.full((model_input.shape[0],), scheduler.timesteps[i], dtype=np.float32)

@@ -1,0 +1,147 @@
+"""The `sdrt` command in subprocesses: torch-free generation, outputs, metadata, clear errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdrt.image_io import read_metadata
+
+BLOCKED = ("torch", "diffusers", "transformers")
+
+
+@pytest.fixture(scope="module")
+def no_torch_path(tmp_path_factory) -> Path:
+    """A folder that, first on PYTHONPATH, makes importing torch, diffusers or transformers fail."""
+    root = tmp_path_factory.mktemp("blocked")
+    for name in BLOCKED:
+        (root / name).mkdir()
+        (root / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
+    return root
+
+
+def sdrt(*args, blocked: Path | None = None, cwd: Path | None = None):
+    env = dict(os.environ)
+    if blocked:
+        env["PYTHONPATH"] = os.pathsep.join([str(blocked), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_package_import_does_not_pull_torch(no_torch_path):
+    code = "import sys, sdrt, sdrt.cli, sdrt.pipeline, sdrt.engines.onnxruntime; assert 'torch' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": str(no_torch_path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_generate_without_torch_writes_pngs_with_metadata(tiny_engines, no_torch_path, tmp_path):
+    out = tmp_path / "out.png"
+    result = sdrt("generate", tiny_engines["sd1"], "--prompt", "a red circle", "--negative-prompt", "blurry", "--steps", "5",
+                  "--seed", "7", "--scheduler", "euler_a", "--num-images", "2", "--output", out, "--quiet", blocked=no_torch_path)
+    assert result.returncode == 0, result.stderr
+    assert not out.exists() and (tmp_path / "out-0.png").exists() and (tmp_path / "out-1.png").exists()
+    meta = read_metadata(tmp_path / "out-1.png")
+    assert meta["prompt"] == "a red circle" and meta["negative_prompt"] == "blurry" and meta["seed"] == 7
+    assert meta["scheduler"] == "euler_a" and meta["steps"] == 5 and meta["image_index"] == 1
+    assert meta["backend"] == "onnxruntime" and meta["precision"] == "fp32" and len(meta["model_hash"]) == 12
+    assert (meta["height"], meta["width"]) == (16, 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-0.png", "out-1.png"]  # no temporary files left
+
+
+def test_refuses_to_overwrite_without_flag(tiny_engines, tmp_path):
+    out = tmp_path / "keep.png"
+    out.write_bytes(b"user data")
+    result = sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--steps", "2", "--output", out)
+    assert_clean_error(result, "already exists", "--overwrite")
+    assert out.read_bytes() == b"user data"
+    assert sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--steps", "2", "--output", out, "--overwrite").returncode == 0
+    assert read_metadata(out)["prompt"] == "x"
+
+
+def test_info_shows_the_build(tiny_engines):
+    result = sdrt("info", tiny_engines["sd2"])
+    assert result.returncode == 0, result.stderr
+    assert "v_prediction" in result.stdout and "onnxruntime" in result.stdout and "hashes verified" in result.stdout
+    manifest = json.loads(sdrt("info", tiny_engines["sd2"], "--json").stdout)
+    assert all(c["export_max_abs_error"] < 1e-4 for c in manifest["components"].values())
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--height", "33"], ["--height 33", "multiple of 2"]),
+        (["--width", "0"], ["--width 0", "positive multiple"]),
+        (["--scheduler", "heun"], ["--scheduler 'heun'", "accepted values are", "dpmpp_2m"]),
+        (["--steps", "0"], ["--steps 0", "1 .. 1000"]),
+        (["--num-images", "0"], ["--num-images 0"]),
+        (["--seed", "-3"], ["--seed -3"]),
+        (["--karras", "--scheduler", "ddim"], ["--karras"]),
+        (["--output", "out.jpg"], ["only .png"]),
+        (["--output", "missing-dir/out.png"], ["does not exist"]),
+        (["--device", "quantum"], ["--device 'quantum'", "cpu"]),
+    ],
+)
+def test_bad_generate_input_is_one_clear_line(tiny_engines, tmp_path, args, fragments):
+    base = ["generate", tiny_engines["sd1"], "--prompt", "x", "--steps", "2", "--output", "out.png"]
+    result = sdrt(*base, *args, cwd=tmp_path)
+    assert_clean_error(result, *fragments)
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_output_parent_is_a_file(tiny_engines, tmp_path):
+    (tmp_path / "file").write_text("")
+    assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--output", tmp_path / "file" / "o.png"), "does not exist")
+
+
+def test_bad_engine_folders(tiny_engines, tmp_path):
+    assert_clean_error(sdrt("generate", tmp_path / "nowhere", "--prompt", "x", "--output", tmp_path / "o.png"), "does not exist", "sdrt build")
+    assert_clean_error(sdrt("generate", tmp_path, "--prompt", "x", "--output", tmp_path / "o.png"), "manifest.json is missing")
+
+    copy = tmp_path / "engines"
+    shutil.copytree(tiny_engines["sd1"], copy)
+    with open(copy / "unet" / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    assert_clean_error(sdrt("generate", copy, "--prompt", "x", "--output", tmp_path / "o.png"), "does not match its hash", "rebuild")
+
+    manifest = json.loads((tiny_engines["sd1"] / "manifest.json").read_text())
+    shutil.rmtree(copy)
+    shutil.copytree(tiny_engines["sd1"], copy)
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 999}))
+    assert_clean_error(sdrt("info", copy), "format version 999", "rebuild")
+    (copy / "manifest.json").write_text("{not json")
+    assert_clean_error(sdrt("info", copy), "not valid JSON")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    (copy / "vae_decoder" / "model.onnx").unlink()
+    assert_clean_error(sdrt("info", copy), "is missing", "rebuild")
+
+
+def test_build_errors(tiny_models, tiny_engines, tmp_path):
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tiny_engines["sd1"]), "already exists", "--overwrite")
+    assert_clean_error(sdrt("build", tmp_path / "nope", "--out", tmp_path / "e"), "model folder", "does not exist")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["sd1"], broken)
+    (broken / "unet" / "config.json").unlink()
+    assert_clean_error(sdrt("build", broken, "--out", tmp_path / "e"), "unet/config.json is missing")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--backend", "tvm"), "--backend 'tvm'", "onnxruntime")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--precision", "fp8"), "--precision 'fp8'", "fp32")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--precision", "int8"), "int8", "not available for onnxruntime")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--device", "cuda"), "--device cuda", "onnxruntime-gpu")
+    assert not (tmp_path / "e").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e.")], "a failed build left its staging folder"
+    user = tmp_path / "user-folder"
+    user.mkdir()
+    (user / "precious.txt").write_text("keep")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", user, "--overwrite"), "not an sdrt engine folder")
+    assert (user / "precious.txt").read_text() == "keep"
