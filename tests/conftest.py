@@ -14,10 +14,10 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     pytest.importorskip("diffusers")
-    from sdrt.exporters.tiny_models import KINDS, make_tiny_model
+    from sdrt.exporters.random_models import make_random_model
 
     root = tmp_path_factory.mktemp("models")
-    return {kind: make_tiny_model(kind, root / kind) for kind in KINDS}
+    return {kind: make_random_model(kind, root / kind) for kind in ("sd1", "sd2")}
 
 
 @pytest.fixture(scope="session")

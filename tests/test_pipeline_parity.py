@@ -9,15 +9,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.pipeline import GenerateRequest, StableDiffusion  # noqa: E402
+from sdrt.schedulers import DIFFUSERS_CLASS_OF  # noqa: E402
 
-REFERENCE = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
 MIN_PSNR = 40.0
 
 CASES = [
@@ -42,7 +35,7 @@ def reference_pipes(tiny_models):
 @pytest.mark.parametrize("kind,scheduler,steps,guidance,num_images,size", CASES)
 def test_image_matches_diffusers(kind, scheduler, steps, guidance, num_images, size, tiny_engines, reference_pipes):
     ref = reference_pipes[kind]
-    ref.scheduler = getattr(diffusers, REFERENCE[scheduler]).from_config(ref.scheduler.config)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[scheduler]).from_config(ref.scheduler.config)
     height, width = size or (None, None)
     prompt, negative, seed = "a lighthouse at dusk", "blurry", 42
     expected = ref(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=guidance, height=height,

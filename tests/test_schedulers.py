@@ -9,16 +9,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.errors import SdrtError  # noqa: E402
-from sdrt.schedulers import SCHEDULERS, default_scheduler_name, make_scheduler  # noqa: E402
+from sdrt.schedulers import DIFFUSERS_CLASS_OF, SCHEDULERS, default_scheduler_name, make_scheduler  # noqa: E402
 
-REFERENCE = {
-    "ddim": diffusers.DDIMScheduler,
-    "pndm": diffusers.PNDMScheduler,
-    "dpmpp_2m": diffusers.DPMSolverMultistepScheduler,
-    "euler": diffusers.EulerDiscreteScheduler,
-    "euler_a": diffusers.EulerAncestralDiscreteScheduler,
-    "lms": diffusers.LMSDiscreteScheduler,
-}
 TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|, per step
 
 
@@ -47,7 +39,7 @@ def rel_err(ours, ref):
 
 
 def run_parity(name, config, steps, karras=False):
-    ref = REFERENCE[name].from_config({**config, **({"use_karras_sigmas": True} if karras else {})})
+    ref = getattr(diffusers, DIFFUSERS_CLASS_OF[name]).from_config({**config, **({"use_karras_sigmas": True} if karras else {})})
     ref.set_timesteps(steps)
     ours = make_scheduler(name, config, karras_sigmas=karras)
     ours.set_timesteps(steps)

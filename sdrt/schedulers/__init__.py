@@ -26,6 +26,8 @@ DIFFUSERS_CLASS_NAMES = {
     "LMSDiscreteScheduler": "lms",
 }
 
+DIFFUSERS_CLASS_OF = {name: cls for cls, name in DIFFUSERS_CLASS_NAMES.items()}
+
 KARRAS_CAPABLE = ("dpmpp_2m", "euler", "lms")
 
 

@@ -1,0 +1,115 @@
+"""Random-weight Stable Diffusion models in diffusers format, with the real CLIP tokenizer files.
+
+They have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIPTextModel); weights
+are seeded, so a kind always gives the same model.
+  sd1:  tiny (exports and runs in seconds): epsilon prediction, PNDM scheduler config,
+        quick-GELU text encoder, 2x VAE
+  sd2:  tiny: v-prediction, linear projections, upcast attention, GELU text encoder,
+        pad token "!", DDIM scheduler config, 4x VAE
+  sd15: the full-size SD 1.5 architecture (859.5 M-parameter U-Net, 3.4 GB in fp32), for speed
+        and memory measurements: random weights run as fast as trained ones in fp32
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .clip_vocab import write_clip_tokenizer
+
+KINDS = ("sd1", "sd2", "sd15")
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: accepted values are {', '.join(KINDS)}")
+    if kind == "sd15":
+        return _make_sd15(out, seed)
+    sd2 = kind == "sd2"
+    torch.manual_seed(seed)
+    hidden = 32
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, hidden_size=hidden, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu", projection_dim=hidden,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=hidden,
+        attention_head_dim=(4, 8) if sd2 else 8,
+        use_linear_projection=sd2,
+        upcast_attention=sd2,
+        norm_num_groups=32,
+    )
+    vae_blocks = (32, 32, 64) if sd2 else (32, 64)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_blocks),
+        block_out_channels=vae_blocks,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=8 * 2 ** (len(vae_blocks) - 1),
+        scaling_factor=0.18215,
+    )
+    return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!" if sd2 else "<|endoftext|>")
+
+
+def scheduler_for(kind: str):
+    if kind == "sd2":
+        return DDIMScheduler(**SD_BETAS, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
+                             steps_offset=1, timestep_spacing="leading")
+    return PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+
+
+def _make_sd15(out: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                                projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # diffusers' defaults are SD 1.x
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+    )
+    return _save(out, text_encoder, unet, vae, scheduler_for("sd15"), pad_token="<|endoftext|>")
+
+
+def _save(out: Path, text_encoder, unet, vae, scheduler, pad_token: str) -> Path:
+    tok_dir = out / "tokenizer"
+    write_clip_tokenizer(tok_dir, pad_token=pad_token)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    write_clip_tokenizer(tok_dir, pad_token=pad_token)  # plain files, as hub folders have them
+    return out
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write a random-weight Stable Diffusion model folder.")
+    parser.add_argument("kind", choices=KINDS)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(make_random_model(args.kind, args.out, args.seed))
+
+
+if __name__ == "__main__":
+    main()
