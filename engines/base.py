@@ -59,6 +59,10 @@ class Engine(Protocol):
         """Turn an exported graph into this backend's artifacts beside it; returns their paths."""
 
     @classmethod
+    def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:
+        """The files `load` will read, so that their hashes can be checked first."""
+
+    @classmethod
     def load(cls, component_dir: Path, spec: ComponentSpec, cfg: LoadConfig) -> "Engine": ...
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

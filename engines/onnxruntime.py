@@ -85,16 +85,27 @@ class OnnxRuntimeEngine:
             raise SdrtError(f"onnxruntime could not build {spec.name}: {exc}") from None
         return [p for p in (target, target.parent / data_name) if p.exists()]
 
+    @staticmethod
+    def _artifact(component_dir: Path, device: str) -> Path:
+        """The graph optimised for `device` at build time, else the portable graph."""
+        optimized = component_dir / optimized_name(device)
+        return optimized if optimized.exists() else component_dir / "model.onnx"
+
+    @classmethod
+    def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:
+        artifact = cls._artifact(component_dir, cfg.device)
+        data = artifact.with_name(artifact.name + ".data")
+        return [artifact, data] if data.exists() else [artifact]
+
     @classmethod
     def load(cls, component_dir: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OnnxRuntimeEngine":
         providers = _providers(cfg.device)
         options = _session_options(cfg.threads)
-        artifact = component_dir / optimized_name(cfg.device)
-        if artifact.exists():
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        else:  # built for another device: optimise the portable graph now
-            artifact = component_dir / "model.onnx"
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        artifact = cls._artifact(component_dir, cfg.device)
+        prebuilt = artifact.name == optimized_name(cfg.device)
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL if prebuilt else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        )
         try:
             session = ort.InferenceSession(str(artifact), options, providers=providers)
         except Exception as exc:

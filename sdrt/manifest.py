@@ -38,7 +38,22 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def verify_files(root: Path, manifest: dict[str, Any], paths: list[Path] | None = None) -> None:
+    """Check the hashes of `paths` (default: every file the manifest lists)."""
+    files = manifest.get("files", {})
+    names = list(files) if paths is None else [p.relative_to(root).as_posix() for p in paths]
+    for rel in names:
+        file = root / rel
+        if rel not in files:
+            raise SdrtError(f"engine file {file} is not listed in {MANIFEST}; rebuild the engines with `sdrt build`")
+        if not file.is_file():
+            raise SdrtError(f"engine file {file} is missing; rebuild the engines with `sdrt build`")
+        if file_sha256(file) != files[rel]:
+            raise SdrtError(f"engine file {file} does not match its hash in {MANIFEST}; rebuild the engines with `sdrt build`")
+
+
 def load_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
+    """Read and check the format version; with `verify`, check every file's hash too."""
     path = root / MANIFEST
     if not root.is_dir():
         raise SdrtError(f"engine folder {root} does not exist; build one with `sdrt build MODEL --out {root}`")
@@ -52,10 +67,5 @@ def load_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise SdrtError(f"{path} has format version {version!r}, this sdrt reads version {FORMAT_VERSION}; rebuild the engines with `sdrt build`")
     if verify:
-        for rel, expected in manifest.get("files", {}).items():
-            file = root / rel
-            if not file.is_file():
-                raise SdrtError(f"engine file {file} is missing; rebuild the engines with `sdrt build`")
-            if file_sha256(file) != expected:
-                raise SdrtError(f"engine file {file} does not match its hash in {MANIFEST}; rebuild the engines with `sdrt build`")
+        verify_files(root, manifest)
     return manifest

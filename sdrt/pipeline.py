@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .components import ComponentSpec
 from .engines.base import LoadConfig, engine_class
 from .errors import SdrtError
-from .manifest import load_manifest, model_hash
+from .manifest import load_manifest, model_hash, verify_files
 from .model_info import ModelInfo
 from .noise import make_noise
 from .schedulers import default_scheduler_name, make_scheduler
@@ -57,11 +57,15 @@ def _check_request(req: GenerateRequest, info: ModelInfo) -> tuple[int, int]:
 
 class StableDiffusion:
     def __init__(self, engine_dir: Path, device: str | None = None, threads: int = 0, verify: bool = True):
-        self.manifest = load_manifest(engine_dir, verify=verify)
+        self.manifest = load_manifest(engine_dir, verify=False)
         self.info = ModelInfo.from_json({k: v for k, v in self.manifest["model"].items() if k != "source"})
-        self.tokenizer = CLIPTokenizer(engine_dir / "tokenizer")
         backend = engine_class(self.manifest["backend"]["name"])
         cfg = LoadConfig(device=device or self.manifest["backend"]["device"], threads=threads)
+        if verify:  # the hashes of what this run reads: tokenizer files and the engines it loads
+            tokenizer_files = [engine_dir / rel for rel in self.manifest["files"] if rel.startswith("tokenizer/")]
+            engine_files = [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(engine_dir / name, cfg)]
+            verify_files(engine_dir, self.manifest, tokenizer_files + engine_files)
+        self.tokenizer = CLIPTokenizer(engine_dir / "tokenizer")
         self.engines = {}
         for name in TXT2IMG_COMPONENTS:
             spec = ComponentSpec.from_json(self.manifest["components"][name]["spec"])

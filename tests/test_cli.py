@@ -111,9 +111,13 @@ def test_bad_engine_folders(tiny_engines, tmp_path):
 
     copy = tmp_path / "engines"
     shutil.copytree(tiny_engines["sd1"], copy)
-    with open(copy / "unet" / "model.onnx", "ab") as f:
+    with open(copy / "unet" / "model.cpu-optimized.onnx", "ab") as f:  # what generate loads
         f.write(b"\0")
     assert_clean_error(sdrt("generate", copy, "--prompt", "x", "--output", tmp_path / "o.png"), "does not match its hash", "rebuild")
+    shutil.copy2(tiny_engines["sd1"] / "unet" / "model.cpu-optimized.onnx", copy / "unet")
+    with open(copy / "vae_encoder" / "model.onnx", "ab") as f:  # info checks every file
+        f.write(b"\0")
+    assert_clean_error(sdrt("info", copy), "does not match its hash", "rebuild")
 
     manifest = json.loads((tiny_engines["sd1"] / "manifest.json").read_text())
     shutil.rmtree(copy)
