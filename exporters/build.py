@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -36,6 +37,14 @@ def _scheduler_config(model_dir: Path) -> dict:
     if cls is None:
         return raw
     return {"_class_name": raw["_class_name"], **{k: v for k, v in dict(cls.from_config(raw).config).items() if not k.startswith("_")}}
+
+
+def _usual_permissions(root: Path) -> None:
+    """mkdtemp and some writers create owner-only entries; give the folder the umask's usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool = False) -> dict:
@@ -83,6 +92,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             "files": hash_files(staging, files),
         }
         write_manifest(staging, manifest)
+        _usual_permissions(staging)
         previous = out.with_name(f".{out.name}.previous") if out.exists() else None
         if previous:
             out.rename(previous)
