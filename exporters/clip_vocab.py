@@ -29,8 +29,35 @@ def _bytes_to_unicode() -> list[str]:
 
 
 def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """CLIP's own tokenizer files (49,408 tokens)."""
     merges = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")[1 : CLIP_MERGES + 1]
+    write_tokenizer(folder, merges, pad_token, model_max_length)
+
+
+def learn_merges(texts: list[str]) -> list[str]:
+    """Byte-pair merges learnt from `texts` with CLIP's normalisation and word splitting, until
+    every word of the texts is one token."""
+    import tempfile
+
+    from tokenizers import Tokenizer, trainers
+    from tokenizers.models import BPE
+
+    from sdrt.tokenizer import clip_normalizer, clip_pre_tokenizer
+
+    tok = Tokenizer(BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer, tok.pre_tokenizer = clip_normalizer(), clip_pre_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=100_000, min_frequency=1, show_progress=False, end_of_word_suffix="</w>",
+                                  initial_alphabet=_bytes_to_unicode())
+    tok.train_from_iterator(texts, trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.model.save(tmp)
+        lines = (Path(tmp) / "merges.txt").read_text(encoding="utf-8").split("\n")
+    return [line for line in lines if line and not line.startswith("#version")]
+
+
+def write_tokenizer(folder: Path, merges: list[str], pad_token: str = "<|endoftext|>", model_max_length: int = 77) -> None:
+    """vocab.json (bytes, bytes + "</w>", each merge joined, start, end), merges.txt and configs."""
+    folder.mkdir(parents=True, exist_ok=True)
     chars = _bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")

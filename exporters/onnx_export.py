@@ -81,14 +81,14 @@ def trace_sizes(info: ModelInfo) -> dict[str, int]:
     """Dynamic dim sizes to trace at: latents that are not a multiple of the U-Net's up factor."""
     up = info.unet_up_factor
     return {"batch": 2, "sequence": info.text_max_length, "latent_height": up + 1, "latent_width": up + 3,
-            "height": 2 * info.vae_scale_factor, "width": 3 * info.vae_scale_factor, "vocab": 49408}
+            "height": 2 * info.vae_scale_factor, "width": 3 * info.vae_scale_factor, "vocab": info.text_vocab_size}
 
 
 def check_sizes(info: ModelInfo) -> dict[str, int]:
     """Other sizes than the trace, to check that the dynamic dims really are dynamic."""
     up = info.unet_up_factor
     return {"batch": 1, "sequence": info.text_max_length, "latent_height": 2 * up, "latent_width": 3 * up,
-            "height": 2 * up * info.vae_scale_factor, "width": up * info.vae_scale_factor, "vocab": 49408}
+            "height": 2 * up * info.vae_scale_factor, "width": up * info.vae_scale_factor, "vocab": info.text_vocab_size}
 
 
 def export_component(module: torch.nn.Module, spec: ComponentSpec, sizes: dict[str, int], out_dir: Path) -> Path:

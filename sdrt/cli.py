@@ -128,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user error: one line, the traceback with --verbose
+        if args.verbose:
+            raise
+        print(f"sdrt: internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -28,6 +28,7 @@ class ModelInfo:
     scaling_factor: float  # latents are divided by this before the VAE decoder
     cross_attention_dim: int
     text_hidden_size: int
+    text_vocab_size: int
     text_max_length: int  # tokens per prompt, including start and end
     prediction_type: str
     default_height: int  # unet.sample_size * vae_scale_factor
@@ -88,6 +89,7 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         scaling_factor=float(vae.get("scaling_factor", 0.18215)),
         cross_attention_dim=int(unet["cross_attention_dim"]),
         text_hidden_size=int(text["hidden_size"]),
+        text_vocab_size=int(text["vocab_size"]),
         text_max_length=max_len,
         prediction_type=sched.get("prediction_type", "epsilon"),
         default_height=height,

@@ -19,6 +19,17 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
+def clip_normalizer() -> normalizers.Normalizer:
+    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+
+
+def clip_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+
+
 def _token_text(value) -> str:
     return value["content"] if isinstance(value, dict) else str(value)
 
@@ -45,11 +56,8 @@ class CLIPTokenizer:
                   if line and not line.startswith("#version")]
         tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
                             fuse_unk=False, unk_token=unk))
-        tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ])
+        tok.normalizer = clip_normalizer()
+        tok.pre_tokenizer = clip_pre_tokenizer()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((self.bos, self.eos, unk, self.pad))])
         self._tok = tok
         self.bos_id, self.eos_id, self.pad_id = (tok.token_to_id(t) for t in (self.bos, self.eos, self.pad))
