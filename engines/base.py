@@ -9,7 +9,7 @@ import dataclasses
 import importlib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -17,10 +17,12 @@ from sdrt.components import ComponentSpec
 from sdrt.errors import SdrtError
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+INT8_METHODS = ("static", "dynamic")
 
 # backend name -> "module:class", imported only when that backend is used
 BACKENDS = {
     "onnxruntime": "sdrt.engines.onnxruntime:OnnxRuntimeEngine",
+    "openvino": "sdrt.engines.openvino:OpenVinoEngine",
 }
 
 
@@ -30,14 +32,37 @@ class BuildConfig:
     precision: str = "fp32"
     device: str = "cpu"
     threads: int = 0  # 0: the backend's default (all physical cores)
+    static_shape: tuple[int, int] | None = None  # (height, width): engines for that image size only
+    batch: int = 1  # images per prompt, with static shapes
+    calibration_prompts: int = 4  # int8: prompts whose U-Net inputs calibrate activation ranges
+    calibration_steps: int = 10
+    reference_size: tuple[int, int] | None = None  # (height, width) of calibration and accuracy runs; None: model default
+    int8_method: str = "static"  # onnxruntime int8: static QDQ (calibrated) or dynamic
+    smooth_quant_alpha: float | None = None  # openvino int8: SmoothQuant strength; None: off
+    int8_ignore: tuple[str, ...] = ()  # regex patterns of node names kept in float
+    accuracy_prompts: int = 2  # prompts of the build's accuracy check; 0 skips it
+    accuracy_steps: int = 10
+    min_psnr: float | None = None  # fail the build below this image PSNR against fp32
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise SdrtError(f"--backend {self.backend!r} is not supported: accepted values are {', '.join(BACKENDS)}")
         if self.precision not in PRECISIONS:
             raise SdrtError(f"--precision {self.precision!r} is not supported: accepted values are {', '.join(PRECISIONS)}")
-        if self.threads < 0:
-            raise SdrtError(f"--threads {self.threads} must be >= 0 (0: all physical cores)")
+        if self.int8_method not in INT8_METHODS:
+            raise SdrtError(f"--int8-method {self.int8_method!r} is not supported: accepted values are {', '.join(INT8_METHODS)}")
+        for option, value, low in (("--threads", self.threads, 0), ("--batch", self.batch, 1), ("--calibration-prompts", self.calibration_prompts, 1),
+                                   ("--calibration-steps", self.calibration_steps, 1), ("--accuracy-prompts", self.accuracy_prompts, 0),
+                                   ("--accuracy-steps", self.accuracy_steps, 1)):
+            if value < low:
+                raise SdrtError(f"{option} {value} must be >= {low}")
+
+    def cache_fields(self) -> dict[str, Any]:
+        """What an engine's artifacts depend on (threads and the accuracy check do not)."""
+        fields = dataclasses.asdict(self)
+        for key in ("threads", "accuracy_prompts", "accuracy_steps", "min_psnr"):
+            fields.pop(key)
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +80,14 @@ class Engine(Protocol):
         """Raise SdrtError, before any export work, if this backend cannot build `cfg` here."""
 
     @classmethod
-    def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig) -> list[Path]:
-        """Turn an exported graph into this backend's artifacts beside it; returns their paths."""
+    def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
+        """Whether `build` of this component wants recorded real inputs."""
+
+    @classmethod
+    def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig, static_sizes: dict[str, int] | None = None,
+              calibration: list[dict[str, np.ndarray]] | None = None) -> list[Path]:
+        """Turn an exported graph into this backend's artifacts beside it; returns their paths.
+        `static_sizes` fixes the dynamic dims; `calibration` holds recorded inputs of the component."""
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:
@@ -78,7 +109,8 @@ def engine_class(backend: str) -> type[Engine]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SdrtError(f"backend {backend!r} needs a package that is not installed: {exc}") from None
+        raise SdrtError(f"backend {backend!r} needs a package that is not installed ({exc.name}); "
+                        f"install it, e.g. pip install 'sdrt[{backend}]'") from None
     return getattr(module, class_name)
 
 
@@ -93,3 +125,11 @@ def check_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]) -> None:
         for size, dim in zip(array.shape, t.dims):
             if isinstance(dim, int) and size != dim:
                 raise SdrtError(f"{spec.name}: input {t.name!r} has shape {list(array.shape)}, expected dims {list(t.dims)}")
+
+
+def static_spec(spec: ComponentSpec, sizes: dict[str, int]) -> ComponentSpec:
+    """The spec with its dynamic dims fixed to `sizes`."""
+    def fix(tensors):
+        return tuple(dataclasses.replace(t, dims=tuple(sizes.get(d, d) if isinstance(d, str) else d for d in t.dims)) for t in tensors)
+
+    return dataclasses.replace(spec, inputs=fix(spec.inputs), outputs=fix(spec.outputs))

@@ -22,7 +22,7 @@ DEVICES = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8")
 EXTERNAL_DATA_MIN_BYTES = 1024
 
 
@@ -63,12 +63,31 @@ class OnnxRuntimeEngine:
     @classmethod
     def check(cls, cfg: BuildConfig) -> None:
         if cfg.precision not in PRECISIONS:
-            raise SdrtError(f"--precision {cfg.precision} is not available for onnxruntime yet: accepted values are {', '.join(PRECISIONS)}")
+            raise SdrtError(f"--precision {cfg.precision} is not available for onnxruntime: accepted values are {', '.join(PRECISIONS)} "
+                            "(fp16 and int8-weights: use --backend openvino)")
+        if cfg.static_shape:
+            raise SdrtError("--static-shape is supported by --backend openvino only")
         _providers(cfg.device)
 
     @classmethod
-    def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig) -> list[Path]:
+    def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
+        return cfg.precision == "int8" and cfg.int8_method == "static" and component == "unet"
+
+    @classmethod
+    def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig, static_sizes: dict[str, int] | None = None,
+              calibration: list[dict[str, np.ndarray]] | None = None) -> list[Path]:
+        """fp32: the portable graph, optimised. int8: the U-Net quantized (static QDQ from recorded
+        inputs, or dynamic), the text encoder dynamically quantized, the VAE kept in fp32 (its
+        convolutions lose quality and gain no speed as ConvInteger on the CPU)."""
         cls.check(cfg)
+        source = onnx_path
+        if cfg.precision == "int8" and spec.name in ("unet", "text_encoder"):
+            from .quantize_onnx import quantize_dynamic_int8, quantize_static_int8
+
+            if cls.needs_calibration(spec.name, cfg):
+                source = quantize_static_int8(onnx_path, calibration or [], cfg.int8_ignore)
+            else:
+                source = quantize_dynamic_int8(onnx_path, cfg.int8_ignore)
         providers = _providers(cfg.device)
         target = onnx_path.parent / optimized_name(cfg.device)
         data_name = target.name + ".data"
@@ -76,14 +95,24 @@ class OnnxRuntimeEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(target)
         options.log_severity_level = 3  # the artifact is CPU-specific on purpose: it is named for its device
-        if (onnx_path.parent / "model.onnx.data").exists():
+        if source.with_name(source.name + ".data").exists() or (onnx_path.parent / "model.onnx.data").exists():
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_DATA_MIN_BYTES))
         try:
-            ort.InferenceSession(str(onnx_path), options, providers=providers)
+            ort.InferenceSession(str(source), options, providers=providers)
         except Exception as exc:  # ONNX Runtime raises its own exception types
             raise SdrtError(f"onnxruntime could not build {spec.name}: {exc}") from None
+        if source != onnx_path:  # the quantized graph lives on in the optimised artifact
+            for p in (source, source.with_name(source.name + ".data")):
+                p.unlink(missing_ok=True)
         return [p for p in (target, target.parent / data_name) if p.exists()]
+
+    @classmethod
+    def load_graph(cls, path: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OnnxRuntimeEngine":
+        """A session on any ONNX file (the build's fp32 reference uses the portable graphs)."""
+        options = _session_options(cfg.threads)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return cls(ort.InferenceSession(str(path), options, providers=_providers(cfg.device)), spec)
 
     @staticmethod
     def _artifact(component_dir: Path, device: str) -> Path:

@@ -13,19 +13,39 @@ from .errors import SdrtError
 from .noise import NOISE_KINDS
 
 
+def _size(option: str, value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        height, width = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise SdrtError(f"{option} {value!r} is not a size: write HEIGHTxWIDTH, e.g. 512x512") from None
+    return height, width
+
+
 def _build(args: argparse.Namespace) -> None:
     from .engines.base import BuildConfig
+    from .engines.cache import BuildCache
 
-    cfg = BuildConfig(backend=args.backend, precision=args.precision, device=args.device, threads=args.threads)
+    cfg = BuildConfig(
+        backend=args.backend, precision=args.precision, device=args.device, threads=args.threads,
+        static_shape=_size("--static-shape", args.static_shape), batch=args.batch, calibration_prompts=args.calibration_prompts,
+        calibration_steps=args.calibration_steps, reference_size=_size("--reference-size", args.reference_size),
+        int8_method=args.int8_method, smooth_quant_alpha=args.smooth_quant_alpha, int8_ignore=tuple(args.int8_ignore),
+        accuracy_prompts=args.accuracy_prompts, accuracy_steps=args.accuracy_steps, min_psnr=args.min_psnr,
+    )
     try:
         from .exporters.build import build_engines
     except ImportError as exc:
         raise SdrtError(f"`sdrt build` needs the export extra (torch, diffusers, transformers, onnx): {exc.name} is not installed; "
                         "run `pip install torch==2.13.0` then `pip install 'sdrt[export]'`") from None
-    manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite)
+    manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite, cache=BuildCache(None, enabled=not args.no_cache))
     errors = ", ".join(f"{k} {v['export_max_abs_error']:.2g}" for k, v in manifest["components"].items())
     print(f"built {args.out} ({cfg.backend} {manifest['backend']['version']}, {cfg.precision}, {cfg.device}) "
           f"in {manifest['build_seconds']} s; export max abs error vs torch: {errors}")
+    accuracy = manifest["accuracy"]
+    if accuracy and not accuracy.get("reference"):
+        print(f"accuracy against fp32: image PSNR {accuracy['min_image_psnr_db']:.1f} dB (worst of {len(accuracy['image_psnr_db'])})")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -39,7 +59,7 @@ def _generate(args: argparse.Namespace) -> None:
     )
     paths = output_paths(Path(args.output), args.num_images)
     check_writable(paths, args.overwrite)
-    pipe = StableDiffusion(Path(args.engines), device=args.device, threads=args.threads)
+    pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=args.threads)
     try:
         images = pipe.generate(req, progress=not args.quiet)
         for index, (image, path) in enumerate(zip(images, paths)):
@@ -64,8 +84,27 @@ def _info(args: argparse.Namespace) -> None:
     print(f"scheduler:   {manifest['scheduler_config'].get('_class_name', '?')} "
           f"({manifest['scheduler_config'].get('timestep_spacing', '?')} spacing)")
     print(f"backend:     {backend['name']} {backend['version']} on {backend['device']}, precision {manifest['precision']}")
+    if manifest.get("static_shape"):
+        s = manifest["static_shape"]
+        print(f"static:      {s['height']}x{s['width']}, {s['batch']} image(s) per prompt")
+    if manifest.get("cpu"):
+        cpu = manifest["cpu"]
+        print(f"built on:    {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['features']) or 'no listed features'}")
+    accuracy = manifest.get("accuracy") or {}
     for name, comp in manifest["components"].items():
-        print(f"  {name:<13} export max abs error vs torch {comp['export_max_abs_error']:.2e}")
+        line = f"  {name:<13} export max abs error vs torch {comp['export_max_abs_error']:.2e}"
+        if name in accuracy.get("components", {}):
+            a = accuracy["components"][name]
+            line += f"; vs fp32 engine: max abs {a['max_abs_error']:.3g}, cosine {a['cosine_similarity']:.6f}"
+        print(line)
+    if accuracy.get("reference"):
+        print("accuracy:    fp32 onnxruntime is the reference itself")
+    elif accuracy:
+        psnrs = ", ".join(f"{p:.1f}" for p in accuracy["image_psnr_db"])
+        print(f"accuracy:    image PSNR vs fp32 {accuracy['min_image_psnr_db']:.1f} dB worst ({psnrs}) on {len(accuracy['prompts'])} prompts, "
+              f"{accuracy['steps']} steps, {accuracy['width']}x{accuracy['height']}")
+    else:
+        print("accuracy:    not checked (--accuracy-prompts 0)")
     size = sum((Path(args.engines) / rel).stat().st_size for rel in manifest["files"])
     print(f"files:       {len(manifest['files'])}, {size / 2**20:.1f} MiB, hashes {'not checked' if args.no_verify else 'verified'}")
 
@@ -87,18 +126,30 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu (default), cuda or tensorrt (onnxruntime-gpu)")
     b.add_argument("--threads", type=int, default=0, help="threads for the build's optimisation session (0: all cores)")
     b.add_argument("--overwrite", action="store_true", help="replace an existing engine folder")
+    b.add_argument("--static-shape", metavar="HxW", help="openvino: engines for this image size only")
+    b.add_argument("--batch", type=int, default=1, help="with --static-shape: images per prompt (default 1)")
+    b.add_argument("--calibration-prompts", type=int, default=4, help="int8: prompts whose U-Net inputs calibrate it (default 4)")
+    b.add_argument("--calibration-steps", type=int, default=10, help="int8: denoising steps recorded per prompt (default 10)")
+    b.add_argument("--reference-size", metavar="HxW", help="image size of calibration and accuracy runs (default: the model's)")
+    b.add_argument("--int8-method", default="static", help="onnxruntime int8: static (calibrated QDQ, default) or dynamic")
+    b.add_argument("--smooth-quant-alpha", type=float, default=None, help="openvino int8: SmoothQuant strength (default off)")
+    b.add_argument("--int8-ignore", action="append", default=[], metavar="REGEX", help="int8: keep nodes matching REGEX in float (repeatable)")
+    b.add_argument("--accuracy-prompts", type=int, default=2, help="prompts of the accuracy check against fp32 (0: skip; default 2)")
+    b.add_argument("--accuracy-steps", type=int, default=10, help="denoising steps of the accuracy check (default 10)")
+    b.add_argument("--min-psnr", type=float, default=None, metavar="DB", help="fail the build if the image PSNR against fp32 is lower")
+    b.add_argument("--no-cache", action="store_true", help="neither use nor fill the build cache ($SDRT_CACHE_DIR, default ~/.cache/sdrt)")
     b.set_defaults(func=_build)
 
     g = sub.add_parser("generate", help="generate images with built engines")
     g.add_argument("engines", help="engine folder made by `sdrt build`")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
-    g.add_argument("--steps", type=int, default=20)
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables it")
+    g.add_argument("--steps", type=int, default=None, help="default: the model's recommendation, else 20")
+    g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, <= 1 disables it (default: the model's recommendation, else 7.5)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)} (default: the model's own)")
+    g.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)} (default: the model's recommendation, else its own)")
     g.add_argument("--karras", action="store_true", help="Karras sigma spacing (dpmpp_2m, euler, lms)")
-    g.add_argument("--height", type=int, default=None, help="default: the model's sample size")
+    g.add_argument("--height", type=int, default=None, help="default: the model's recommendation, else its sample size")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--noise", default="torch", choices=NOISE_KINDS, help="torch: same noise as torch.randn for a seed (default)")

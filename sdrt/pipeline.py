@@ -2,12 +2,13 @@
 
 Follows diffusers' StableDiffusionPipeline step for step (same noise stream, same classifier-free
 guidance batch order [negative, positive], same post-processing), so that the same model, seed
-and scheduler give the same image.
+and scheduler give the same image. The pipeline sees engines only through `Engine.run`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .components import ComponentSpec
-from .engines.base import LoadConfig, engine_class
+from .engines.base import Engine, LoadConfig, engine_class
 from .errors import SdrtError
 from .manifest import load_manifest, model_hash, verify_files
 from .model_info import ModelInfo
@@ -24,70 +25,105 @@ from .schedulers import default_scheduler_name, make_scheduler
 from .tokenizer import CLIPTokenizer
 
 TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     prompt: str
     negative_prompt: str = ""
-    steps: int = 20
-    guidance: float = 7.5
+    steps: int | None = None  # None: the model's recommended value, else 20
+    guidance: float | None = None  # None: the model's recommended value, else 7.5
     seed: int = 0
-    scheduler: str | None = None  # None: the model's own scheduler
+    scheduler: str | None = None  # None: the model's recommended scheduler, else its own class
     karras: bool = False
-    height: int | None = None  # None: the model's default size
+    height: int | None = None  # None: the model's recommended size, else its sample size
     width: int | None = None
     num_images: int = 1
     noise: str = "torch"
 
 
-def _check_request(req: GenerateRequest, info: ModelInfo) -> tuple[int, int]:
-    height = info.default_height if req.height is None else req.height
-    width = info.default_width if req.width is None else req.width
-    f = info.vae_scale_factor
-    for option, value in (("--height", height), ("--width", width)):
-        if value <= 0 or value % f:
-            raise SdrtError(f"{option} {value} is not accepted: it must be a positive multiple of {f} (the VAE scale factor)")
-    if req.num_images < 1:
-        raise SdrtError(f"--num-images {req.num_images} must be >= 1")
-    if not np.isfinite(req.guidance) or req.guidance < 0:
-        raise SdrtError(f"--guidance {req.guidance} must be a finite number >= 0")
-    return height, width
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A request with every default resolved and checked."""
+
+    steps: int
+    guidance: float
+    scheduler: str
+    height: int
+    width: int
 
 
 class StableDiffusion:
-    def __init__(self, engine_dir: Path, device: str | None = None, threads: int = 0, verify: bool = True):
-        self.manifest = load_manifest(engine_dir, verify=False)
-        self.info = ModelInfo.from_json({k: v for k, v in self.manifest["model"].items() if k != "source"})
-        backend = engine_class(self.manifest["backend"]["name"])
-        cfg = LoadConfig(device=device or self.manifest["backend"]["device"], threads=threads)
+    def __init__(self, info: ModelInfo, scheduler_config: dict, tokenizer: CLIPTokenizer, engines: Mapping[str, Engine],
+                 defaults: dict | None = None, static_shape: dict | None = None):
+        self.info = info
+        self.scheduler_config = scheduler_config
+        self.tokenizer = tokenizer
+        self.engines = dict(engines)
+        self.defaults = defaults or {}
+        self.static_shape = static_shape
+        self.manifest: dict | None = None
+
+    @classmethod
+    def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: bool = True) -> "StableDiffusion":
+        manifest = load_manifest(engine_dir, verify=False)
+        backend = engine_class(manifest["backend"]["name"])
+        cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads)
         if verify:  # the hashes of what this run reads: tokenizer files and the engines it loads
-            tokenizer_files = [engine_dir / rel for rel in self.manifest["files"] if rel.startswith("tokenizer/")]
+            tokenizer_files = [engine_dir / rel for rel in manifest["files"] if rel.startswith("tokenizer/")]
             engine_files = [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(engine_dir / name, cfg)]
-            verify_files(engine_dir, self.manifest, tokenizer_files + engine_files)
-        self.tokenizer = CLIPTokenizer(engine_dir / "tokenizer")
-        self.engines = {}
+            verify_files(engine_dir, manifest, tokenizer_files + engine_files)
+        engines = {}
         for name in TXT2IMG_COMPONENTS:
-            spec = ComponentSpec.from_json(self.manifest["components"][name]["spec"])
-            self.engines[name] = backend.load(engine_dir / name, spec, cfg)
+            spec = ComponentSpec.from_json(manifest["components"][name]["spec"])
+            engines[name] = backend.load(engine_dir / name, spec, cfg)
+        info = ModelInfo.from_json({k: v for k, v in manifest["model"].items() if k != "source"})
+        pipe = cls(info, manifest["scheduler_config"], CLIPTokenizer(engine_dir / "tokenizer"), engines,
+                   manifest.get("defaults"), manifest.get("static_shape"))
+        pipe.manifest = manifest
+        return pipe
 
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
 
+    def settings(self, req: GenerateRequest) -> Settings:
+        d = {**BUILTIN_DEFAULTS, **self.defaults}
+        s = Settings(
+            steps=d["steps"] if req.steps is None else req.steps,
+            guidance=d["guidance"] if req.guidance is None else req.guidance,
+            scheduler=req.scheduler or d.get("scheduler") or default_scheduler_name(self.scheduler_config),
+            height=d.get("height", self.info.default_height) if req.height is None else req.height,
+            width=d.get("width", self.info.default_width) if req.width is None else req.width,
+        )
+        f = self.info.vae_scale_factor
+        for option, value in (("--height", s.height), ("--width", s.width)):
+            if value <= 0 or value % f:
+                raise SdrtError(f"{option} {value} is not accepted: it must be a positive multiple of {f} (the VAE scale factor)")
+        if req.num_images < 1:
+            raise SdrtError(f"--num-images {req.num_images} must be >= 1")
+        if not np.isfinite(s.guidance) or s.guidance < 0:
+            raise SdrtError(f"--guidance {s.guidance} must be a finite number >= 0")
+        if self.static_shape:
+            want = self.static_shape
+            if (s.height, s.width, req.num_images) != (want["height"], want["width"], want["batch"]) or s.guidance <= 1:
+                raise SdrtError(f"these engines were built with static shapes for {want['height']}x{want['width']}, "
+                                f"--num-images {want['batch']}, guidance > 1; generate with those or rebuild without --static-shape")
+        return s
+
     def _encode_text(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts).astype(np.int64)  # (P, 77)
-        return self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (P, 77, D) float32
+        ids = self.tokenizer(prompts).astype(np.int64)  # (P, S)
+        return self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (P, S, D) float32
 
     def generate(self, req: GenerateRequest, progress: bool = True) -> list[np.ndarray]:
         """-> num_images arrays (H, W, 3) uint8."""
-        height, width = _check_request(req, self.info)
-        scheduler = make_scheduler(req.scheduler or default_scheduler_name(self.manifest["scheduler_config"]),
-                                   self.manifest["scheduler_config"], karras_sigmas=req.karras)
-        scheduler.set_timesteps(req.steps)
+        s = self.settings(req)
+        scheduler = make_scheduler(s.scheduler, self.scheduler_config, karras_sigmas=req.karras)
+        scheduler.set_timesteps(s.steps)
         noise = make_noise(req.noise, req.seed)
         n = req.num_images
-        guided = req.guidance > 1.0
+        guided = s.guidance > 1.0
 
         # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D)
         if guided:
@@ -97,10 +133,10 @@ class StableDiffusion:
             context = np.repeat(self._encode_text([req.prompt]), n, 0)
 
         f = self.info.vae_scale_factor
-        shape = (n, self.info.latent_channels, height // f, width // f)
+        shape = (n, self.info.latent_channels, s.height // f, s.width // f)
         latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)  # (n, C, h, w) float32
         unet = self.engines["unet"]
-        guidance = np.float32(req.guidance)
+        guidance = np.float32(s.guidance)
         for i in tqdm(range(len(scheduler.timesteps)), desc="denoising", unit="step", disable=None if progress else True, leave=False):
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, i)
@@ -123,20 +159,21 @@ class StableDiffusion:
         return images
 
     def metadata(self, req: GenerateRequest, index: int) -> dict[str, Any]:
-        height, width = _check_request(req, self.info)
+        s = self.settings(req)
+        manifest = self.manifest or {}
         return {
             "prompt": req.prompt,
             "negative_prompt": req.negative_prompt,
-            "steps": req.steps,
-            "scheduler": req.scheduler or default_scheduler_name(self.manifest["scheduler_config"]),
+            "steps": s.steps,
+            "scheduler": s.scheduler,
             "karras_sigmas": req.karras,
-            "guidance": req.guidance,
+            "guidance": s.guidance,
             "seed": req.seed,
             "image_index": index,
             "noise": req.noise,
-            "height": height,
-            "width": width,
-            "model_hash": model_hash(self.manifest),
-            "backend": self.manifest["backend"]["name"],
-            "precision": self.manifest["precision"],
+            "height": s.height,
+            "width": s.width,
+            "model_hash": model_hash(manifest) if manifest else None,
+            "backend": manifest.get("backend", {}).get("name"),
+            "precision": manifest.get("precision"),
         }

@@ -1,9 +1,16 @@
 """Fixtures: tiny random-weight SD1/SD2 models in diffusers format and engines built from them."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """Builds in tests fill a cache of their own, never the user's ~/.cache/sdrt."""
+    os.environ["SDRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdrt-test-cache-")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -140,7 +140,9 @@ def test_build_errors(tiny_models, tiny_engines, tmp_path):
     assert_clean_error(sdrt("build", broken, "--out", tmp_path / "e"), "unet/config.json is missing")
     assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--backend", "tvm"), "--backend 'tvm'", "onnxruntime")
     assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--precision", "fp8"), "--precision 'fp8'", "fp32")
-    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--precision", "int8"), "int8", "not available for onnxruntime")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--precision", "fp16"), "fp16", "not available for onnxruntime")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--static-shape", "64by64", "--backend", "openvino"), "--static-shape '64by64'", "HEIGHTxWIDTH")
+    assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--static-shape", "63x64", "--backend", "openvino"), "--static-shape 63x64", "multiples of 2")
     assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", tmp_path / "e", "--device", "cuda"), "--device cuda", "onnxruntime-gpu")
     assert not (tmp_path / "e").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".e.")], "a failed build left its staging folder"

@@ -7,6 +7,7 @@ torch = pytest.importorskip("torch")
 
 from sdrt.components import ComponentSpec  # noqa: E402
 from sdrt.engines.base import BuildConfig, LoadConfig  # noqa: E402
+from sdrt.engines.cache import BuildCache  # noqa: E402
 from sdrt.engines.onnxruntime import OnnxRuntimeEngine, optimized_name  # noqa: E402
 from sdrt.exporters import onnx_export  # noqa: E402
 from sdrt.exporters.build import build_engines  # noqa: E402
@@ -42,7 +43,7 @@ def test_large_models_use_external_data(tiny_models, tmp_path, monkeypatch):
     """Above protobuf's 2 GB limit weights go to model.onnx.data; forced here by lowering the limit."""
     monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", 0)
     out = tmp_path / "engines"
-    manifest = build_engines(tiny_models["sd1"], out, BuildConfig())
+    manifest = build_engines(tiny_models["sd1"], out, BuildConfig(), cache=BuildCache(None, enabled=False))
     for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert (out / name / "model.onnx.data").is_file()
         assert (out / name / (optimized_name("cpu") + ".data")).is_file()

@@ -43,7 +43,7 @@ def test_image_matches_diffusers(kind, scheduler, steps, guidance, num_images, s
                    output_type="np").images
     expected = (expected * 255).round().astype(np.uint8)
 
-    pipe = StableDiffusion(tiny_engines[kind])
+    pipe = StableDiffusion.from_engine_folder(tiny_engines[kind])
     got = pipe.generate(GenerateRequest(prompt=prompt, negative_prompt=negative, steps=steps, guidance=guidance, seed=seed,
                                         scheduler=scheduler, height=height, width=width, num_images=num_images), progress=False)
     pipe.close()

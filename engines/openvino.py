@@ -1,0 +1,151 @@
+"""OpenVINO engines: ONNX -> OpenVINO IR (model.xml + model.bin), compiled for CPU (or GPU/NPU
+where OpenVINO reports them) with the LATENCY hint and OpenVINO's model cache.
+
+Precisions (--precision):
+  fp32          IR in fp32
+  fp16          weights stored in fp16; the CPU computes in fp32 unless it has native fp16
+  int8-weights  every component: 8-bit weights (NNCF weight compression), fp32 compute
+  int8          U-Net: NNCF post-training quantization on recorded U-Net inputs, hybrid as
+                optimum-intel does it (8-bit weights for all MatMuls, int8 activations and weights
+                for the rest); text encoder and VAE: 8-bit weights only
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import openvino as ov
+
+from sdrt.components import ComponentSpec
+from sdrt.cpu import cpu_description
+from sdrt.errors import SdrtError
+
+from .base import BuildConfig, LoadConfig, check_feeds
+from .cache import cache_root
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+XML, BIN = "model.xml", "model.bin"
+
+
+def _device(name: str) -> str:
+    available = ov.Core().available_devices
+    wanted = name.upper()
+    if not any(d == wanted or d.startswith(wanted + ".") for d in available):
+        raise SdrtError(f"--device {name!r} is not available to openvino here: accepted values are "
+                        f"{', '.join(sorted({d.split('.')[0].lower() for d in available}))}")
+    return wanted
+
+
+def _weighted_matmuls(model: ov.Model) -> list[str]:
+    """MatMuls with a constant operand: their weights get 8-bit compression, activations stay fp32."""
+    def constant(output) -> bool:
+        node = output.get_node()
+        while node.get_type_name() in ("Convert", "Reshape", "Transpose"):
+            node = node.input_value(0).get_node()
+        return node.get_type_name() == "Constant"
+
+    return [op.get_friendly_name() for op in model.get_ops()
+            if op.get_type_name() == "MatMul" and any(constant(op.input_value(i)) for i in range(2))]
+
+
+class OpenVinoEngine:
+    def __init__(self, request: ov.InferRequest, spec: ComponentSpec):
+        self._request = request
+        self._spec = spec
+        self._output_names = [t.name for t in spec.outputs]
+
+    @classmethod
+    def version(cls) -> str:
+        return ov.get_version()
+
+    @classmethod
+    def check(cls, cfg: BuildConfig) -> None:
+        if cfg.precision not in PRECISIONS:
+            raise SdrtError(f"--precision {cfg.precision} is not available for openvino: accepted values are {', '.join(PRECISIONS)}")
+        if cfg.precision in ("int8", "int8-weights"):
+            try:
+                import nncf  # noqa: F401
+            except ImportError:
+                raise SdrtError(f"--precision {cfg.precision} with openvino needs NNCF: pip install nncf") from None
+        if cfg.int8_method != "static":
+            raise SdrtError("--int8-method dynamic applies to --backend onnxruntime; openvino int8 is calibrated (static)")
+        _device(cfg.device)
+
+    @classmethod
+    def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
+        return cfg.precision == "int8" and component == "unet"
+
+    @classmethod
+    def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig, static_sizes: dict[str, int] | None = None,
+              calibration: list[dict[str, np.ndarray]] | None = None) -> list[Path]:
+        cls.check(cfg)
+        model = ov.convert_model(str(onnx_path))
+        if static_sizes:
+            model.reshape({t.name: ov.PartialShape([static_sizes[d] if isinstance(d, str) else d for d in t.dims]) for t in spec.inputs})
+        if cfg.precision == "int8-weights" or (cfg.precision == "int8" and not cls.needs_calibration(spec.name, cfg)):
+            model = cls._compress_weights(model, cfg)
+        elif cfg.precision == "int8":
+            model = cls._quantize_hybrid(model, spec, cfg, calibration or [])
+        elif cfg.precision == "fp16" and "FP16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") and cfg.device == "cpu":
+            log.warning("fp16 on this CPU (%s) is storage only: weights are kept in fp16 and computed in fp32",
+                        cpu_description()["model"])
+        xml = onnx_path.parent / XML
+        ov.save_model(model, str(xml), compress_to_fp16=cfg.precision == "fp16")
+        return [xml, onnx_path.parent / BIN]
+
+    @staticmethod
+    def _compress_weights(model: ov.Model, cfg: BuildConfig) -> ov.Model:
+        import nncf
+
+        ignored = nncf.IgnoredScope(patterns=list(cfg.int8_ignore), validate=False)
+        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=ignored)
+
+    @staticmethod
+    def _quantize_hybrid(model: ov.Model, spec: ComponentSpec, cfg: BuildConfig, calibration: list[dict[str, np.ndarray]]) -> ov.Model:
+        import nncf
+
+        if not calibration:
+            raise SdrtError(f"int8 quantization of {spec.name} needs calibration inputs; none were recorded")
+        matmuls = _weighted_matmuls(model)
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"], patterns=list(cfg.int8_ignore), validate=False))
+        alpha = -1 if cfg.smooth_quant_alpha is None else cfg.smooth_quant_alpha
+        return nncf.quantize(
+            model, nncf.Dataset(calibration), subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER,
+            ignored_scope=nncf.IgnoredScope(names=matmuls, patterns=list(cfg.int8_ignore), validate=False),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=alpha),
+        )
+
+    @classmethod
+    def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:
+        return [component_dir / XML, component_dir / BIN]
+
+    @classmethod
+    def load(cls, component_dir: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OpenVinoEngine":
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if cfg.threads:
+            config["INFERENCE_NUM_THREADS"] = cfg.threads
+        try:
+            compiled = core.compile_model(str(component_dir / XML), _device(cfg.device), config)
+        except RuntimeError as exc:
+            raise SdrtError(f"openvino could not load {component_dir / XML}: {exc}; rebuild the engines with `sdrt build`") from None
+        return cls(compiled.create_infer_request(), spec)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        check_feeds(self._spec, feeds)
+        try:
+            self._request.infer({name: np.ascontiguousarray(feeds[name]) for name in (t.name for t in self._spec.inputs)})
+        except RuntimeError as exc:
+            shapes = {k: list(v.shape) for k, v in feeds.items()}
+            raise SdrtError(f"openvino failed to run {self._spec.name} on inputs {shapes}: {exc}") from None
+        return {name: self._request.get_tensor(name).data.copy() for name in self._output_names}
+
+    def close(self) -> None:
+        self._request = None

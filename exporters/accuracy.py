@@ -1,0 +1,96 @@
+"""The build's fp32 reference runs: recorded U-Net inputs for int8 calibration, and the accuracy
+report of built engines against fp32 (per component max abs error and cosine similarity on the
+inputs the reference really saw; image PSNR end to end)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from sdrt.pipeline import GenerateRequest, StableDiffusion
+
+
+class RecordingEngine:
+    """Passes runs through to an engine and keeps copies of the feeds and outputs."""
+
+    def __init__(self, engine, keep_every: int = 1):
+        self.engine, self.keep_every, self.calls = engine, keep_every, 0
+        self.feeds: list[dict[str, np.ndarray]] = []
+        self.outputs: list[dict[str, np.ndarray]] = []
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.engine.run(feeds)
+        if self.calls % self.keep_every == 0:
+            self.feeds.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+            self.outputs.append({k: np.array(v, copy=True) for k, v in out.items()})
+        self.calls += 1
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def _requests(prompts: list[str], steps: int, size: tuple[int, int], num_images: int = 1) -> list[GenerateRequest]:
+    return [GenerateRequest(prompt=p, steps=steps, guidance=7.5, seed=1000 + k, scheduler="dpmpp_2m", height=size[0], width=size[1],
+                            num_images=num_images) for k, p in enumerate(prompts)]
+
+
+def record_unet_inputs(reference: StableDiffusion, prompts: list[str], steps: int, size: tuple[int, int]) -> list[dict[str, np.ndarray]]:
+    """The U-Net's actual inputs at every step of fp32 runs of `prompts`."""
+    recorder = RecordingEngine(reference.engines["unet"])
+    reference.engines["unet"] = recorder
+    try:
+        for req in _requests(prompts, steps, size):
+            reference.generate(req, progress=False)
+    finally:
+        reference.engines["unet"] = recorder.engine
+    return recorder.feeds
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def _errors(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    a, b = ours.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    denom = np.linalg.norm(a) * np.linalg.norm(b)
+    cosine = float(a @ b / denom) if denom else 1.0
+    return float(np.abs(a - b).max()), cosine
+
+
+def accuracy_report(reference: StableDiffusion, candidate: StableDiffusion, vae_encoders: tuple, prompts: list[str],
+                    steps: int, size: tuple[int, int], num_images: int = 1) -> dict:
+    """Images and components of `candidate` against `reference` on the same prompts and seeds."""
+    recorders = {name: RecordingEngine(engine, keep_every=4 if name == "unet" else 1) for name, engine in reference.engines.items()}
+    reference.engines.update(recorders)
+    try:
+        psnrs, images = [], []
+        for req in _requests(prompts, steps, size, num_images):
+            ref_images = reference.generate(req, progress=False)
+            psnrs += [psnr(ours, ref) for ours, ref in zip(candidate.generate(req, progress=False), ref_images)]
+            images += ref_images
+    finally:
+        reference.engines.update({name: r.engine for name, r in recorders.items()})
+
+    components = {}
+    for name, recorder in recorders.items():
+        worst_abs, worst_cos = 0.0, 1.0
+        for feeds, ref_out in zip(recorder.feeds, recorder.outputs):
+            out = candidate.engines[name].run(feeds)
+            for key, value in ref_out.items():
+                max_abs, cosine = _errors(out[key], value)
+                worst_abs, worst_cos = max(worst_abs, max_abs), min(worst_cos, cosine)
+        components[name] = {"max_abs_error": worst_abs, "cosine_similarity": worst_cos}
+    ref_encoder, our_encoder = vae_encoders
+    worst_abs, worst_cos = 0.0, 1.0
+    for image in images[:2]:  # the encoder sees the reference's own images, in [-1, 1]
+        feeds = {"sample": (image.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(127.5) - 1)}
+        max_abs, cosine = _errors(our_encoder.run(feeds)["latent_parameters"], ref_encoder.run(feeds)["latent_parameters"])
+        worst_abs, worst_cos = max(worst_abs, max_abs), min(worst_cos, cosine)
+    components["vae_encoder"] = {"max_abs_error": worst_abs, "cosine_similarity": worst_cos}
+    return {
+        "prompts": prompts, "steps": steps, "height": size[0], "width": size[1], "scheduler": "dpmpp_2m", "guidance": 7.5,
+        "image_psnr_db": psnrs, "min_image_psnr_db": min(psnrs), "components": components,
+    }

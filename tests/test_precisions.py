@@ -1,0 +1,111 @@
+"""OpenVINO engines, fp16 / int8 / int8-weights builds, the accuracy gate, static shapes, the build cache."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import psnr
+
+pytest.importorskip("openvino")
+pytest.importorskip("torch")
+
+from sdrt.engines.base import BuildConfig  # noqa: E402
+from sdrt.engines.cache import BuildCache  # noqa: E402
+from sdrt.errors import SdrtError  # noqa: E402
+from sdrt.exporters.build import build_engines  # noqa: E402
+from sdrt.pipeline import GenerateRequest, StableDiffusion  # noqa: E402
+
+
+def generate(engines, **kwargs):
+    pipe = StableDiffusion.from_engine_folder(engines)
+    try:
+        return pipe.generate(GenerateRequest(prompt="a lighthouse at dusk", seed=3, **kwargs), progress=False)
+    finally:
+        pipe.close()
+
+
+@pytest.fixture(scope="module")
+def built(tiny_models, tmp_path_factory):
+    """kind/backend/precision -> engine folder, built once for the module."""
+    root, out = tmp_path_factory.mktemp("precisions"), {}
+    for kind, backend, precision in [("sd1", "openvino", "fp32"), ("sd2", "openvino", "fp32"), ("sd1", "openvino", "int8"),
+                                     ("sd1", "onnxruntime", "int8"), ("sd1", "openvino", "int8-weights"), ("sd2", "openvino", "fp16")]:
+        folder = root / f"{kind}-{backend}-{precision}"
+        build_engines(tiny_models[kind], folder, BuildConfig(backend=backend, precision=precision))
+        out[kind, backend, precision] = folder
+    return out
+
+
+@pytest.mark.parametrize("kind,scheduler", [("sd1", "dpmpp_2m"), ("sd1", "euler_a"), ("sd2", "ddim")])
+def test_openvino_fp32_matches_onnxruntime_fp32(kind, scheduler, built, tiny_engines):
+    ours = generate(built[kind, "openvino", "fp32"], scheduler=scheduler, steps=12)
+    reference = generate(tiny_engines[kind], scheduler=scheduler, steps=12)
+    assert reference[0].std() > 2
+    assert psnr(ours[0], reference[0]) >= 40
+
+
+@pytest.mark.parametrize("key", [("sd1", "openvino", "int8"), ("sd1", "onnxruntime", "int8"), ("sd1", "openvino", "int8-weights"),
+                                 ("sd2", "openvino", "fp16")])
+def test_reduced_precision_builds_run_and_record_their_accuracy(key, built):
+    manifest = json.loads((built[key] / "manifest.json").read_text())
+    assert manifest["precision"] == key[2]
+    accuracy = manifest["accuracy"]
+    assert len(accuracy["image_psnr_db"]) == 2 and np.isfinite(accuracy["min_image_psnr_db"])
+    for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        component = accuracy["components"][name]
+        assert 0 <= component["max_abs_error"] < 10 and 0.9 < component["cosine_similarity"] <= 1.0 + 1e-9, (name, component)
+    image = generate(built[key], steps=8)[0]
+    assert image.shape == (16, 16, 3) if key[0] == "sd1" else (32, 32, 3)
+    info = subprocess.run([sys.executable, "-m", "sdrt.cli", "info", built[key]], capture_output=True, text=True)
+    assert info.returncode == 0 and "image PSNR vs fp32" in info.stdout and "cosine" in info.stdout
+
+
+def test_int8_weights_store_8_bit_weights(built):
+    fp32 = sum(p.stat().st_size for p in built["sd1", "openvino", "fp32"].rglob("model.bin"))
+    int8 = sum(p.stat().st_size for p in built["sd1", "openvino", "int8-weights"].rglob("model.bin"))
+    assert int8 < 0.4 * fp32
+
+
+def test_gate_fails_an_impossible_threshold(tiny_models, tmp_path):
+    out = tmp_path / "gated"
+    with pytest.raises(SdrtError, match="--min-psnr 1000.*no engine folder was written"):
+        build_engines(tiny_models["sd1"], out, BuildConfig(backend="openvino", precision="int8", min_psnr=1000))
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_cache_reuses_and_invalidates(tiny_models, tmp_path):
+    cache = BuildCache(tmp_path / "cache")
+    cfg = BuildConfig(backend="openvino", precision="int8", accuracy_prompts=0)
+    first = build_engines(tiny_models["sd1"], tmp_path / "a", cfg, cache=cache)
+    assert first["export_cache"] == "miss" and {c["cache"] for c in first["components"].values()} == {"miss"}
+    second = build_engines(tiny_models["sd1"], tmp_path / "b", cfg, cache=cache)
+    assert second["export_cache"] == "hit" and {c["cache"] for c in second["components"].values()} == {"hit"}
+    assert first["files"] == second["files"]
+    changed = build_engines(tiny_models["sd1"], tmp_path / "c", BuildConfig(backend="openvino", precision="int8", accuracy_prompts=0,
+                                                                             calibration_prompts=2), cache=cache)
+    assert changed["export_cache"] == "hit" and changed["components"]["unet"]["cache"] == "miss"
+    assert changed["files"]["unet/model.bin"] != first["files"]["unet/model.bin"]
+
+
+def test_static_shape_engines(tiny_models, tmp_path):
+    out = tmp_path / "static"
+    build_engines(tiny_models["sd1"], out, BuildConfig(backend="openvino", static_shape=(24, 16)))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["components"]["unet"]["spec"]["inputs"][0]["dims"] == [2, 4, 12, 8]
+    assert manifest["accuracy"]["min_image_psnr_db"] >= 40
+    assert generate(out, height=24, width=16, steps=4)[0].shape == (24, 16, 3)
+    with pytest.raises(SdrtError, match="static shapes for 24x16"):
+        generate(out, height=16, width=16, steps=4)
+
+
+def test_unavailable_precisions_say_so(tiny_models, tmp_path):
+    for cfg, message in [(BuildConfig(precision="fp16"), "fp16 .*openvino"), (BuildConfig(precision="int8-weights"), "int8-weights"),
+                         (BuildConfig(static_shape=(16, 16)), "--static-shape is supported by --backend openvino only"),
+                         (BuildConfig(backend="openvino", int8_method="dynamic", precision="int8"), "--int8-method dynamic"),
+                         (BuildConfig(backend="openvino", device="npu"), "--device 'npu'")]:
+        with pytest.raises(SdrtError, match=message):
+            build_engines(tiny_models["sd1"], tmp_path / "x", cfg)
+    assert not (tmp_path / "x").exists()
