@@ -8,6 +8,8 @@ are seeded, so a kind always gives the same model.
         pad token "!", DDIM scheduler config, 4x VAE
   sd15: the full-size SD 1.5 architecture (859.5 M-parameter U-Net, 3.4 GB in fp32), for speed
         and memory measurements: random weights run as fast as trained ones in fp32
+  sd21-base, sd21-v: the full-size SD 2.1 architectures (OpenCLIP-H text encoder, linear
+        projections; sd21-v: v-prediction at 768x768 with upcast attention)
 """
 
 from __future__ import annotations
@@ -20,15 +22,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sd15")
+KINDS = ("sd1", "sd2", "sd15", "sd21-base", "sd21-v")
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
 def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r}: accepted values are {', '.join(KINDS)}")
-    if kind == "sd15":
-        return _make_sd15(out, seed)
+    if kind in ("sd15", "sd21-base", "sd21-v"):
+        return _make_full_size(kind, out, seed)
     sd2 = kind == "sd2"
     torch.manual_seed(seed)
     hidden = 32
@@ -75,17 +77,23 @@ def scheduler_for(kind: str):
     return PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
 
 
-def _make_sd15(out: Path, seed: int) -> Path:
+def _make_full_size(kind: str, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                                num_hidden_layers=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                                                projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # diffusers' defaults are SD 1.x
+    sd2 = kind != "sd15"
+    hidden = 1024 if sd2 else 768
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=16 if sd2 else 12,
+        num_hidden_layers=23 if sd2 else 12, max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
+        projection_dim=hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+    unet = UNet2DConditionModel(  # diffusers' defaults are the SD 1.x U-Net
+        sample_size=96 if kind == "sd21-v" else 64, cross_attention_dim=hidden,
+        attention_head_dim=(5, 10, 20, 20) if sd2 else 8, use_linear_projection=sd2, upcast_attention=kind == "sd21-v")
     vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=768 if kind == "sd21-v" else 512,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
     )
-    return _save(out, text_encoder, unet, vae, scheduler_for("sd15"), pad_token="<|endoftext|>")
+    scheduler = scheduler_for("sd2") if kind == "sd21-v" else scheduler_for("sd1")
+    return _save(out, text_encoder, unet, vae, scheduler, pad_token="!" if sd2 else "<|endoftext|>")
 
 
 def _save(out: Path, text_encoder, unet, vae, scheduler, pad_token: str) -> Path:

@@ -69,6 +69,48 @@ def _generate(args: argparse.Namespace) -> None:
         pipe.close()
 
 
+def _grid(args: argparse.Namespace) -> None:
+    from .grid import tile
+    from .image_io import check_writable, save_png
+    from .pipeline import GenerateRequest, StableDiffusion
+
+    if args.seeds < 1 or args.scale < 1:
+        raise SdrtError("--seeds and --scale must be >= 1")
+    output = Path(args.output)
+    check_writable([output], args.overwrite)
+    pipe = StableDiffusion.from_engine_folder(Path(args.engines), threads=args.threads)
+    try:
+        images = [pipe.generate(GenerateRequest(prompt=p, seed=s, steps=args.steps, guidance=args.guidance), progress=False)[0]
+                  for p in args.prompt for s in range(args.seeds)]
+    finally:
+        pipe.close()
+    grid = tile(images, columns=args.seeds).repeat(args.scale, axis=0).repeat(args.scale, axis=1)
+    save_png(grid, output, {"prompts": args.prompt, "seeds": list(range(args.seeds)), "rows": "prompts", "columns": "seeds"})
+    print(output)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    try:
+        from .benchmarks.harness import BenchConfig, run
+    except ImportError as exc:
+        raise SdrtError(f"`sdrt bench` needs the export extra: {exc.name} is not installed") from None
+
+    def names(option: str, value: str) -> tuple[str, ...]:
+        items = tuple(v.strip() for v in value.split(",") if v.strip())
+        if not items:
+            raise SdrtError(f"{option} is empty: give a comma-separated list")
+        return items
+
+    cfg = BenchConfig(model=args.model, out=Path(args.out), backends=names("--backends", args.backends),
+                      precisions=names("--precisions", args.precisions), height=args.height, width=args.width, steps=args.steps,
+                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=args.threads, baseline=args.baseline,
+                      build_args=tuple(args.build_arg))
+    results = run(cfg)
+    from .benchmarks.report import markdown
+
+    print(markdown(results))
+
+
 def _info(args: argparse.Namespace) -> None:
     from .manifest import load_manifest, model_hash
 
@@ -159,6 +201,34 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="inference threads (0: all cores)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
+
+    r = sub.add_parser("grid", help="one picture: a row per prompt, a column per seed (0, 1, ...)")
+    r.add_argument("engines")
+    r.add_argument("--prompt", action="append", required=True, help="repeat for more rows")
+    r.add_argument("--seeds", type=int, default=4, help="columns: seeds 0 .. N-1 (default 4)")
+    r.add_argument("--steps", type=int, default=None)
+    r.add_argument("--guidance", type=float, default=None)
+    r.add_argument("--scale", type=int, default=1, help="enlarge the grid by this integer factor (nearest neighbour)")
+    r.add_argument("--output", required=True)
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--threads", type=int, default=0)
+    r.set_defaults(func=_grid)
+
+    bn = sub.add_parser("bench", help="time backends x precisions against the diffusers baseline")
+    bn.add_argument("--model", required=True, help="a model folder, or tiny / sd15 / sd21-base / sd21-v (random weights, generated once)")
+    bn.add_argument("--out", required=True, help="folder for results.json, report.md, report.png and the engines")
+    bn.add_argument("--backends", default="onnxruntime", help="comma-separated (default onnxruntime)")
+    bn.add_argument("--precisions", default="fp32", help="comma-separated (default fp32)")
+    bn.add_argument("--height", type=int, default=512)
+    bn.add_argument("--width", type=int, default=512)
+    bn.add_argument("--steps", type=int, default=20)
+    bn.add_argument("--scheduler", default="dpmpp_2m")
+    bn.add_argument("--repeat", type=int, default=1, help="timed generations per configuration (median reported)")
+    bn.add_argument("--warmup", type=int, default=1, help="untimed generations first")
+    bn.add_argument("--threads", type=int, default=0, help="threads for every configuration and the baseline (0: all cores)")
+    bn.add_argument("--baseline", default="diffusers", help="diffusers (default) or none")
+    bn.add_argument("--build-arg", action="append", default=[], help="extra argument for `sdrt build` (repeatable), e.g. --build-arg=--reference-size=256x256")
+    bn.set_defaults(func=_bench)
 
     i = sub.add_parser("info", help="describe an engine folder")
     i.add_argument("engines")

@@ -213,7 +213,9 @@ def export(work: Path, out: Path, vae: AutoencoderKL, text_encoder, unet, scale:
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
         (out / "tokenizer" / name).write_bytes((work / "tokenizer" / name).read_bytes())
     (out / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-    (out / "sdrt.json").write_text(json.dumps({"defaults": DEFAULTS, "training": meta}, indent=2) + "\n")
+    rng = np.random.default_rng(123)
+    prompts = {"calibration": [caption(random_scene(rng)) for _ in range(8)], "evaluation": [caption(random_scene(rng)) for _ in range(4)]}
+    (out / "sdrt.json").write_text(json.dumps({"defaults": DEFAULTS, "prompts": prompts, "training": meta}, indent=2) + "\n")
     log(f"wrote {out}")
 
 

@@ -1,0 +1,167 @@
+"""`sdrt bench`: every backend x precision against the diffusers baseline, measured in one run.
+
+Each configuration is built with `sdrt build` (timed, in its own process) and measured in a fresh
+process (benchmarks/measure.py), so that peak memory belongs to one configuration. The machine's
+fp32 GEMM rate and the U-Net's FLOPs are measured in the same run; rows report achieved GFLOP/s,
+the fraction of that roofline, and speed and memory ratios against the baseline row.
+Writes results.json, report.md and report.png into --out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from sdrt.cpu import cpu_description
+from sdrt.engines.cache import cache_root
+from sdrt.errors import SdrtError
+
+MODEL_NAMES = ("tiny", "sd15", "sd21-base", "sd21-v")
+RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v"}
+BASELINES = ("diffusers", "none")
+ROW_KEYS = ("backend", "precision", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
+            "peak_rss_mb", "engine_mb", "unet_gflops", "roofline_fraction", "speedup_vs_baseline", "memory_vs_baseline")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    model: str
+    out: Path
+    backends: tuple[str, ...] = ("onnxruntime",)
+    precisions: tuple[str, ...] = ("fp32",)
+    height: int = 512
+    width: int = 512
+    steps: int = 20
+    scheduler: str = "dpmpp_2m"
+    repeat: int = 1
+    warmup: int = 1
+    threads: int = 0
+    baseline: str = "diffusers"
+    build_args: tuple[str, ...] = ()  # passed through to `sdrt build`
+
+    def __post_init__(self):
+        if self.baseline not in BASELINES:
+            raise SdrtError(f"--baseline {self.baseline!r} is not supported: accepted values are {', '.join(BASELINES)}")
+        if self.repeat < 1 or self.warmup < 0 or self.steps < 1:
+            raise SdrtError("--repeat and --steps must be >= 1, --warmup >= 0")
+
+
+def _status(done: int, total: int, what: str, started: float) -> None:
+    print(f"[{done}/{total}] {time.perf_counter() - started:7.1f} s  {what}", file=sys.stderr, flush=True)
+
+
+def resolve_model(name_or_path: str) -> Path:
+    """A model folder, or a named random-weight architecture generated once into the cache."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if name_or_path not in MODEL_NAMES:
+        raise SdrtError(f"--model {name_or_path!r} is neither a model folder nor one of {', '.join(MODEL_NAMES)}")
+    folder = cache_root() / "models" / name_or_path
+    if not (folder / "model_index.json").is_file():
+        from sdrt.exporters.random_models import make_random_model
+
+        print(f"generating the {name_or_path} architecture with random weights into {folder}", file=sys.stderr)
+        make_random_model(RANDOM_KIND[name_or_path], folder)
+    return folder
+
+
+def _worker(args: dict) -> dict:
+    result = subprocess.run([sys.executable, "-m", "sdrt.benchmarks.measure", json.dumps(args, default=str)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SdrtError(f"benchmark worker {args['kind']} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _versions() -> dict:
+    names = ("sdrt", "numpy", "onnxruntime", "openvino", "nncf", "torch", "diffusers", "transformers", "onnx")
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict:
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), None) \
+        if Path("/proc/meminfo").exists() else None
+    return {**cpu_description(), "ram_mb": mem, "platform": platform.platform(), "python": platform.python_version(), "versions": _versions()}
+
+
+def _folder_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+
+
+def run(cfg: BenchConfig) -> dict:
+    started = time.perf_counter()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(cfg.model)
+    configs = [(b, p) for b in cfg.backends for p in cfg.precisions]
+    total = 2 + 2 * len(configs) + (cfg.baseline != "none")
+    done = 0
+    common = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "scheduler": cfg.scheduler, "repeat": cfg.repeat,
+              "warmup": cfg.warmup, "threads": cfg.threads}
+    _status(done, total, "measuring fp32 GEMM rate", started)
+    gemm = _worker({"kind": "gemm", "threads": cfg.threads})["gemm_gflops"]
+    done += 1
+    _status(done, total, "counting U-Net FLOPs", started)
+    unet_gflop = _worker({"kind": "flops", "model": model, "height": cfg.height, "width": cfg.width})["unet_gflop"]
+    done += 1
+    rows, skipped = [], []
+    if cfg.baseline == "diffusers":
+        _status(done, total, "timing the diffusers baseline (PyTorch eager fp32)", started)
+        rows.append({"backend": "diffusers", "precision": "fp32", "build_s": None, "engine_mb": None, **_worker({"kind": "diffusers", "model": model, **common})})
+        done += 1
+    for backend, precision in configs:
+        engines = cfg.out / "engines" / f"{backend}-{precision}"
+        _status(done, total, f"building {backend} {precision}", started)
+        build_started = time.perf_counter()
+        build = subprocess.run([sys.executable, "-m", "sdrt.cli", "build", str(model), "--out", str(engines), "--overwrite",
+                                "--backend", backend, "--precision", precision, "--threads", str(cfg.threads), *cfg.build_args],
+                               capture_output=True, text=True)
+        build_s = time.perf_counter() - build_started
+        done += 1
+        if build.returncode != 0:
+            reason = build.stderr.strip().splitlines()[-1] if build.stderr.strip() else f"exit {build.returncode}"
+            skipped.append({"backend": backend, "precision": precision, "reason": reason})
+            done += 1
+            continue
+        _status(done, total, f"timing {backend} {precision}", started)
+        manifest = json.loads((engines / "manifest.json").read_text())
+        row = {"backend": backend, "precision": precision, "build_s": build_s, "engine_mb": _folder_mb(engines),
+               **_worker({"kind": "sdrt", "engines": engines, **common})}
+        accuracy = manifest.get("accuracy") or {}
+        row["image_psnr_vs_fp32_db"] = None if accuracy.get("reference") else accuracy.get("min_image_psnr_db")
+        row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}
+        rows.append(row)
+        done += 1
+    baseline = rows[0] if cfg.baseline != "none" and rows else None
+    for row in rows:
+        row["unet_gflops"] = unet_gflop / row["unet_step_s"]
+        row["roofline_fraction"] = row["unet_gflops"] / gemm
+        row["speedup_vs_baseline"] = baseline["e2e_s"] / row["e2e_s"] if baseline else None
+        row["memory_vs_baseline"] = row["peak_rss_mb"] / baseline["peak_rss_mb"] if baseline else None
+    results = {
+        "machine": machine(),
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}, "model_path": str(model),
+                   "unet_gflop_per_step": unet_gflop, "date": time.strftime("%Y-%m-%d")},
+        "gemm_gflops": gemm,
+        "rows": rows,
+        "skipped": skipped,
+    }
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    from .report import write_report
+
+    write_report(results, cfg.out)
+    _status(total, total, f"done: {cfg.out / 'results.json'}, report.md, report.png", started)
+    return results

@@ -1,0 +1,204 @@
+"""One benchmark configuration, measured in the process that runs this module (the harness starts
+a fresh one per configuration so that peak memory belongs to that configuration alone).
+
+    python -m sdrt.benchmarks.measure '{"kind": "sdrt", "engines": ..., ...}'   -> one JSON line
+
+Kinds: "sdrt" (an engine folder), "diffusers" (the baseline: StableDiffusionPipeline, PyTorch eager
+fp32), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM belongs to this program image; ru_maxrss on Linux
+    also counts the parent's pages from before exec."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _p90(values: list[float]) -> float:
+    return float(np.percentile(values, 90))
+
+
+class TimedEngine:
+    def __init__(self, engine):
+        self.engine, self.seconds = engine, []
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        out = self.engine.run(feeds)
+        self.seconds.append(time.perf_counter() - started)
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def measure_sdrt(a: dict) -> dict:
+    from sdrt.components import ComponentSpec
+    from sdrt.engines.base import LoadConfig, engine_class
+    from sdrt.pipeline import GenerateRequest, StableDiffusion
+
+    loads = []
+    for _ in range(2):  # the first load is cold (empty OpenVINO model cache), the second warm
+        started = time.perf_counter()
+        pipe = StableDiffusion.from_engine_folder(Path(a["engines"]), threads=a["threads"], verify=False)
+        loads.append(time.perf_counter() - started)
+        if len(loads) == 1:
+            pipe.close()
+    timed = {name: TimedEngine(engine) for name, engine in pipe.engines.items()}
+    pipe.engines.update(timed)
+    req = GenerateRequest(prompt=PROMPT, steps=a["steps"], guidance=7.5, seed=0, scheduler=a["scheduler"], height=a["height"], width=a["width"])
+    for _ in range(a["warmup"]):
+        pipe.generate(req, progress=False)
+    e2e = []
+    for t in timed.values():
+        t.seconds.clear()
+    for _ in range(a["repeat"]):
+        started = time.perf_counter()
+        pipe.generate(req, progress=False)
+        e2e.append(time.perf_counter() - started)
+    peak = _peak_rss_mb()
+    pipe.close()
+    manifest = pipe.manifest
+    backend = engine_class(manifest["backend"]["name"])
+    encoder = backend.load(Path(a["engines"]) / "vae_encoder", ComponentSpec.from_json(manifest["components"]["vae_encoder"]["spec"]),
+                           LoadConfig(threads=a["threads"]))
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 3, a["height"], a["width"])).astype(np.float32)
+    encode = []
+    for _ in range(1 + a["repeat"]):
+        started = time.perf_counter()
+        encoder.run({"sample": image})
+        encode.append(time.perf_counter() - started)
+    encoder.close()
+    unet = timed["unet"].seconds
+    return {
+        "load_s": loads[0], "load_warm_s": loads[1],
+        "text_encoder_s": statistics.median(timed["text_encoder"].seconds),
+        "unet_step_s": statistics.median(unet), "unet_step_p90_s": _p90(unet),
+        "vae_decode_s": statistics.median(timed["vae_decoder"].seconds), "vae_encode_s": statistics.median(encode[1:]),
+        "e2e_s": statistics.median(e2e), "peak_rss_mb": peak,
+    }
+
+
+def measure_diffusers(a: dict) -> dict:
+    import diffusers
+    import torch
+
+    from sdrt.schedulers import DIFFUSERS_CLASS_OF
+
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    loads = []
+    for _ in range(2):
+        started = time.perf_counter()
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(a["model"], safety_checker=None, torch_dtype=torch.float32)
+        loads.append(time.perf_counter() - started)
+        if len(loads) == 1:
+            del pipe
+    pipe.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[a["scheduler"]]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    seconds = {"text_encoder": [], "unet": [], "vae_decoder": []}
+
+    def timer(module, name):
+        module.register_forward_pre_hook(lambda *_: seconds.setdefault("_start", {}).__setitem__(name, time.perf_counter()))
+        module.register_forward_hook(lambda *_: seconds[name].append(time.perf_counter() - seconds["_start"][name]))
+
+    timer(pipe.text_encoder, "text_encoder")
+    timer(pipe.unet, "unet")
+    timer(pipe.vae.decoder, "vae_decoder")
+
+    def run():
+        with torch.inference_mode():
+            pipe(PROMPT, num_inference_steps=a["steps"], guidance_scale=7.5, height=a["height"], width=a["width"],
+                 generator=torch.Generator().manual_seed(0))
+
+    for _ in range(a["warmup"]):
+        run()
+    for key in ("text_encoder", "unet", "vae_decoder"):
+        seconds[key].clear()
+    e2e = []
+    for _ in range(a["repeat"]):
+        started = time.perf_counter()
+        run()
+        e2e.append(time.perf_counter() - started)
+    peak = _peak_rss_mb()
+    image = torch.rand(1, 3, a["height"], a["width"]) * 2 - 1
+    encode = []
+    with torch.inference_mode():
+        for _ in range(1 + a["repeat"]):
+            started = time.perf_counter()
+            pipe.vae.encode(image)
+            encode.append(time.perf_counter() - started)
+    return {
+        "load_s": loads[0], "load_warm_s": loads[1],
+        "text_encoder_s": statistics.median(seconds["text_encoder"]),
+        "unet_step_s": statistics.median(seconds["unet"]), "unet_step_p90_s": _p90(seconds["unet"]),
+        "vae_decode_s": statistics.median(seconds["vae_decoder"]), "vae_encode_s": statistics.median(encode[1:]),
+        "e2e_s": statistics.median(e2e), "peak_rss_mb": peak,
+    }
+
+
+def measure_gemm(a: dict) -> dict:
+    """fp32 GEMM GFLOP/s with the same thread count: the roofline the U-Net rows are held against."""
+    import torch
+
+    if a["threads"]:
+        torch.set_num_threads(a["threads"])
+    n = a.get("n", 4096)
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(x, y)
+    best = min(_timed(lambda: torch.mm(x, y)) for _ in range(3))
+    return {"gemm_gflops": 2 * n**3 / best / 1e9, "n": n}
+
+
+def _timed(fn) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def measure_flops(a: dict) -> dict:
+    """FLOPs of one U-Net call at batch 2 (classifier-free guidance), counted by torch."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sdrt.model_info import read_model_info
+
+    info = read_model_info(Path(a["model"]))
+    unet = UNet2DConditionModel.from_pretrained(a["model"], subfolder="unet", torch_dtype=torch.float32).eval()
+    f = info.vae_scale_factor
+    sample = torch.randn(2, info.latent_channels, a["height"] // f, a["width"] // f)
+    context = torch.randn(2, info.text_max_length, info.cross_attention_dim)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        unet(sample, torch.tensor([500.0, 500.0]), encoder_hidden_states=context)
+    return {"unet_gflop": counter.get_total_flops() / 1e9}
+
+
+def main() -> None:
+    args = json.loads(sys.argv[1])
+    measure = {"sdrt": measure_sdrt, "diffusers": measure_diffusers, "gemm": measure_gemm, "flops": measure_flops}[args["kind"]]
+    print(json.dumps(measure(args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

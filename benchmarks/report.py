@@ -1,0 +1,89 @@
+"""results.json -> report.md (a table) and report.png (end-to-end latency and peak memory bars)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLUMNS = [
+    ("configuration", None), ("e2e s", "e2e_s"), ("speed-up", "speedup_vs_baseline"), ("U-Net step s (p90)", None),
+    ("text enc s", "text_encoder_s"), ("VAE dec s", "vae_decode_s"), ("VAE enc s", "vae_encode_s"), ("load s cold/warm", None),
+    ("peak RSS MB", "peak_rss_mb"), ("memory ratio", "memory_vs_baseline"), ("engine MB", "engine_mb"), ("build s", "build_s"),
+    ("U-Net GFLOP/s", "unet_gflops"), ("of roofline", "roofline_fraction"), ("PSNR vs fp32 dB", "image_psnr_vs_fp32_db"),
+]
+
+
+def _fmt(value, key: str | None = None) -> str:
+    if value is None:
+        return "-"
+    if key in ("speedup_vs_baseline", "memory_vs_baseline"):
+        return f"{value:.2f}x"
+    if key == "roofline_fraction":
+        return f"{100 * value:.0f}%"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def _label(row: dict) -> str:
+    return "diffusers (PyTorch eager fp32)" if row["backend"] == "diffusers" else f"sdrt {row['backend']} {row['precision']}"
+
+
+def markdown(results: dict) -> str:
+    c, m = results["config"], results["machine"]
+    lines = [
+        f"# sdrt bench: {c['model']} at {c['width']}x{c['height']}, {c['steps']} steps, {c['scheduler']}",
+        "",
+        f"{c['date']}; {m['model']}, {m['cores']} cores ({' '.join(m['features'])}), {m['ram_mb']} MB RAM; threads {c['threads'] or 'all'}; "
+        f"median of {c['repeat']} after {c['warmup']} warm-up; fp32 GEMM {results['gemm_gflops']:.0f} GFLOP/s; "
+        f"U-Net {c['unet_gflop_per_step']:.0f} GFLOP per step (batch 2).",
+        "",
+        "| " + " | ".join(name for name, _ in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in results["rows"]:
+        cells = []
+        for name, key in COLUMNS:
+            if name == "configuration":
+                cells.append(_label(row))
+            elif name.startswith("U-Net step"):
+                cells.append(f"{_fmt(row['unet_step_s'])} ({_fmt(row['unet_step_p90_s'])})")
+            elif name.startswith("load"):
+                cells.append(f"{_fmt(row['load_s'])} / {_fmt(row['load_warm_s'])}")
+            else:
+                cells.append(_fmt(row.get(key), key))
+        lines.append("| " + " | ".join(cells) + " |")
+    for skip in results.get("skipped", []):
+        lines.append(f"\nNot built: {skip['backend']} {skip['precision']}: {skip['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, path: Path) -> None:
+    """Two horizontal bar charts side by side: end-to-end seconds and peak RSS in MB."""
+    rows = results["rows"]
+    label_w, bar_w, row_h, top = 260, 300, 26, 40
+    width, height = label_w + 2 * (bar_w + 90), top + row_h * len(rows) + 20
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    for panel, (title, key, color) in enumerate((("end-to-end s", "e2e_s", (52, 101, 164)), ("peak RSS MB", "peak_rss_mb", (204, 102, 0)))):
+        x0 = label_w + panel * (bar_w + 90)
+        draw.text((x0, 10), title, fill="black")
+        top_value = max(r[key] for r in rows) or 1
+        for k, row in enumerate(rows):
+            y = top + k * row_h
+            if panel == 0:
+                draw.text((8, y + 6), _label(row), fill="black")
+            length = int(bar_w * row[key] / top_value)
+            draw.rectangle([x0, y + 4, x0 + length, y + row_h - 4], fill=color)
+            draw.text((x0 + length + 6, y + 6), _fmt(row[key]), fill="black")
+    image.save(path)
+
+
+def write_report(results: dict, out: Path) -> None:
+    (out / "report.md").write_text(markdown(results), encoding="utf-8")
+    if results["rows"]:
+        chart(results, out / "report.png")
+    else:
+        Image.fromarray(np.full((40, 300, 3), 255, np.uint8)).save(out / "report.png")
