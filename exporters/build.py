@@ -136,13 +136,14 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
         export_errors, export_hit = _export(model_dir, info, specs, staging, cache)
         onnx_hashes = {name: [file_sha256(p) for p in _files(staging / name)] for name in specs}
         calibration = None
-        components = {}
+        components, keys = {}, {}
         for name, spec in specs.items():
             needs_calibration = engine.needs_calibration(name, cfg)
             sizes = _static_sizes(cfg, info, name)
             key = cache_key("engine", component=name, backend=cfg.backend, version=engine.version(), options=cfg.cache_fields(),
                             spec=spec.to_json(), static=sizes, onnx=onnx_hashes if needs_calibration else onnx_hashes[name],
                             calibration_prompts=list(extras.get("prompts", {}).get("calibration", prompts.CALIBRATION)) if needs_calibration else None)
+            keys[name] = key
             artifacts = cache.fetch(key, staging / name)
             hit = artifacts is not None
             if not hit:
@@ -166,6 +167,13 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
                 shutil.copy2(model_dir / "tokenizer" / name, tok_dir / name)
 
         accuracy = {"reference": True} if (cfg.backend, cfg.precision) == ("onnxruntime", "fp32") else None
+        eval_prompts = list(extras.get("prompts", {}).get("evaluation", prompts.EVALUATION))[: cfg.accuracy_prompts]
+        accuracy_key = cache_key("accuracy", engines=keys, prompts=eval_prompts, steps=cfg.accuracy_steps, size=reference_size,
+                                 batch=cfg.batch, device=cfg.device)
+        with tempfile.TemporaryDirectory() as tmp:
+            cached = cache.fetch(accuracy_key, Path(tmp)) if accuracy is None and cfg.accuracy_prompts else None
+            if cached:
+                accuracy = json.loads(cached[0].read_text())
         if accuracy is None and cfg.accuracy_prompts:
             from .accuracy import accuracy_report
 
@@ -173,12 +181,15 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             load_cfg = LoadConfig(device=cfg.device, threads=cfg.threads)
             built = {name: engine.load(staging / name, ComponentSpec.from_json(components[name]["spec"]), load_cfg) for name in specs}
             candidate = StableDiffusion(info, scheduler_config, reference.tokenizer, {n: built[n] for n in TXT2IMG_COMPONENTS})
-            eval_prompts = list(extras.get("prompts", {}).get("evaluation", prompts.EVALUATION))[: cfg.accuracy_prompts]
             log.info("checking accuracy against fp32 on %d prompts x %d steps at %dx%d", len(eval_prompts), cfg.accuracy_steps, *reference_size)
             accuracy = accuracy_report(reference, candidate, (reference.engines["vae_encoder"], built["vae_encoder"]), eval_prompts,
                                        cfg.accuracy_steps, reference_size, num_images=cfg.batch if cfg.static_shape else 1)
             for e in built.values():
                 e.close()
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "accuracy.json").write_text(json.dumps(accuracy))
+                cache.store(accuracy_key, [Path(tmp) / "accuracy.json"])
+        if accuracy and not accuracy.get("reference"):
             if cfg.min_psnr is not None and accuracy["min_image_psnr_db"] < cfg.min_psnr:
                 raise SdrtError(f"--min-psnr {cfg.min_psnr}: the {cfg.backend} {cfg.precision} engines reach {accuracy['min_image_psnr_db']:.1f} dB "
                                 "against fp32; no engine folder was written")

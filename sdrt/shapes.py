@@ -109,6 +109,46 @@ def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
     return names[int(dist.argmin())]
 
 
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of a boolean mask (stray pixels of a generated image dropped)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, label = 0, 0, 0
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        label += 1
+        labels[y0, x0] = label
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best
+
+
+def _template(shape: str, xs: np.ndarray, ys: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    image = Image.new("1", (size[1], size[0]), 0)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1 - 1, y1 - 1], fill=1)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=1)
+    else:
+        draw.polygon([((x0 + x1 - 1) / 2, y0), (x0, y1 - 1), (x1 - 1, y1 - 1)], fill=1)
+    return np.asarray(image, dtype=bool)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max((a | b).sum(), 1))
+
+
 def read_scene(image: np.ndarray) -> dict[str, str]:
     """What an (H, W, 3) uint8 image shows: background, color, shape, size, position ("none" if no shape)."""
     pixels = image.astype(np.float64)
@@ -116,15 +156,18 @@ def read_scene(image: np.ndarray) -> dict[str, str]:
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     bg_rgb = np.median(border, axis=0)
     found = {"background": _nearest(bg_rgb, BACKGROUNDS)}
-    mask = np.linalg.norm(pixels - bg_rgb, axis=2) > 60
+    mask = np.linalg.norm(pixels - bg_rgb, axis=2) > 80
     if mask.sum() < 0.005 * mask.size:
         return {**found, "color": "none", "shape": "none", "size": "none", "position": "none"}
+    mask = _largest_component(mask)
     ys, xs = np.nonzero(mask)
     found["color"] = _nearest(np.median(pixels[mask], axis=0), COLORS)
-    fill = mask.sum() / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
-    found["shape"] = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
-    extent = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / side
-    found["size"] = "large" if extent > (RADIUS["small"] + RADIUS["large"]) else "small"
+    # shape: the template, drawn into the mask's bounding box, that overlaps the mask best (IoU)
+    found["shape"] = max(SHAPES, key=lambda shape: _iou(mask, _template(shape, xs, ys, mask.shape)))
+    # size: the side of a square of the same area, against the midpoint of the small and large sizes
+    area_side = np.sqrt(mask.sum() / {"square": 3.24, "circle": np.pi, "triangle": 1.8}[found["shape"]]) / side
+    found["size"] = "large" if area_side > (RADIUS["small"] + RADIUS["large"]) / 2 else "small"
+    # position: the anchor nearest the centre of the bounding box
     centroid = np.array([(xs.min() + xs.max() + 1) / 2, (ys.min() + ys.max() + 1) / 2]) / side
     found["position"] = min(POSITIONS, key=lambda p: np.linalg.norm(centroid - np.array(POSITIONS[p])))
     return found

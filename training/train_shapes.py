@@ -108,6 +108,39 @@ def train_vae(work: Path, steps: int, batch: int, seed: int) -> AutoencoderKL:
     return vae.eval()
 
 
+def finetune_decoder(work: Path, vae: AutoencoderKL, steps: int, batch: int, seed: int) -> AutoencoderKL:
+    """Sharpen the decoder with the encoder frozen: the latents the U-Net learns stay valid."""
+    ckpt = work / "vae_decoder.pt"
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    step, rng = 0, np.random.default_rng(seed + 3)
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        step, rng = state["step"], state["rng"]
+    log(f"decoder fine-tuning: step {step}/{steps}")
+    last_save = time.time()
+    while step < steps:
+        x = images_tensor([random_scene(rng) for _ in range(batch)], rng)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample()
+        recon = vae.decode(latents).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, 3e-4, warmup=20)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
+        if step == steps or time.time() - last_save > 120:
+            save(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step, rng=rng)
+            last_save = time.time()
+    return vae.eval()
+
+
 def encode_dataset(work: Path, vae: AutoencoderKL, count: int, seed: int) -> dict:
     path = work / "latents.npz"
     if path.exists():
@@ -226,6 +259,8 @@ def main() -> None:
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--vae-batch", type=int, default=32)
     parser.add_argument("--images", type=int, default=24000, help="size of the encoded training set")
+    parser.add_argument("--decoder-steps", type=int, default=1500, help="decoder fine-tuning after the latents are cached")
+    parser.add_argument("--decoder-only", action="store_true", help="run the stages up to decoder fine-tuning, then stop")
     parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-minutes", type=float, default=60, help="stop the U-Net stage after this long (this run)")
@@ -240,8 +275,11 @@ def main() -> None:
     started = time.time()
     vae = train_vae(args.work, args.vae_steps, args.vae_batch, args.seed)
     data = encode_dataset(args.work, vae, args.images, args.seed)
+    vae = finetune_decoder(args.work, vae, args.decoder_steps, args.vae_batch, args.seed)
+    if args.decoder_only:
+        return
     text_encoder, unet, steps = train_unet(args.work, data, args.unet_steps, args.unet_batch, args.unet_minutes, args.seed)
-    meta = {"vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "images": args.images, "unet_steps": steps,
+    meta = {"vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "decoder_steps": args.decoder_steps, "images": args.images, "unet_steps": steps,
             "unet_batch": args.unet_batch, "seed": args.seed, "threads": args.threads}
     export(args.work, args.out, vae, text_encoder, unet, float(data["scaling_factor"]), meta)
     log(f"done in {(time.time() - started) / 60:.1f} min this run")
