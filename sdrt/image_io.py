@@ -46,6 +46,9 @@ def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(image, mode="RGB").save(f, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; outputs get the usual mode
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

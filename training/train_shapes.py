@@ -70,6 +70,15 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100, floor: float = 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def save(path: Path, **state) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -93,12 +102,7 @@ def train_vae(work: Path, steps: int, batch: int, seed: int) -> AutoencoderKL:
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample()).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(opt, loss, list(vae.parameters()), lr_at(step, steps, 1e-3))
         step += 1
         if step % 50 == 0:
             log(f"vae step {step}/{steps} loss {loss.item():.4f}")
@@ -126,12 +130,7 @@ def finetune_decoder(work: Path, vae: AutoencoderKL, steps: int, batch: int, see
             latents = vae.encode(x).latent_dist.sample()
         recon = vae.decode(latents).sample
         loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 3e-4, warmup=20)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, steps, 3e-4, warmup=20))
         step += 1
         if step % 50 == 0:
             log(f"decoder step {step}/{steps} loss {loss.item():.4f}")
@@ -201,6 +200,11 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
     moments, attributes = torch.from_numpy(data["moments"]), data["attributes"]
     scale = float(data["scaling_factor"])
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
+
+    def checkpoint() -> None:
+        save(ckpt, unet=unet.state_dict(), text=text_encoder.state_dict(), opt=opt.state_dict(), step=step, rng=rng,
+             ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict())
+
     started, last_save = time.time(), time.time()
     unet.train(), text_encoder.train()
     while step < steps and (time.time() - started) < minutes * 60:
@@ -214,12 +218,7 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, 1e-3, warmup=200)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        optimizer_step(opt, loss, params, lr_at(step, steps, 1e-3, warmup=200))
         step += 1
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -227,12 +226,10 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
                 ema_p.lerp_(p, 1 - decay)
         if step % 50 == 0:
             log(f"unet step {step}/{steps} loss {loss.item():.4f}")
-        if step == steps or time.time() - last_save > 120:
-            save(ckpt, unet=unet.state_dict(), text=text_encoder.state_dict(), opt=opt.state_dict(), step=step, rng=rng,
-                 ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict())
+        if time.time() - last_save > 120:
+            checkpoint()
             last_save = time.time()
-    save(ckpt, unet=unet.state_dict(), text=text_encoder.state_dict(), opt=opt.state_dict(), step=step, rng=rng,
-         ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict())
+    checkpoint()
     return ema_text.eval(), ema_unet.eval(), step
 
 
