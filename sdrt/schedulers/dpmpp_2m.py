@@ -13,7 +13,7 @@ from ..errors import SdrtError
 from .base import Scheduler
 from .config import CommonConfig, parse_config
 from .parameterization import vp_x0
-from .schedule import alphas_cumprod, check_steps, karras_sigma_table, karras_sigmas, sigma_to_t
+from .schedule import alphas_cumprod, check_steps, interp_sigmas, karras_sigma_table, karras_sigmas, sigma_to_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +76,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
             if cfg.beta_schedule != "squaredcos_cap_v2":
                 timesteps = timesteps.round()
         else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigma_table)), sigma_table)
+            sigmas = interp_sigmas(timesteps, sigma_table)
         sigma_last = float(sigma_table[0]) if cfg.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)  # (n + 1,)
         self.timesteps = timesteps.astype(np.int64).astype(np.float32)
