@@ -134,7 +134,10 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
     try:
         started = time.perf_counter()
         export_errors, export_hit = _export(model_dir, info, specs, staging, cache)
-        onnx_hashes = {name: [file_sha256(p) for p in _files(staging / name)] for name in specs}
+        exported = {p: file_sha256(p) for name in specs for p in _files(staging / name)}  # portable graphs: never rewritten
+        onnx_hashes = {name: [exported[p] for p in _files(staging / name)] for name in specs}
+        prompt_sets = extras.get("prompts", {})
+        calibration_prompts = list(prompt_sets.get("calibration", prompts.CALIBRATION))[: cfg.calibration_prompts]
         calibration = None
         components, keys = {}, {}
         for name, spec in specs.items():
@@ -142,14 +145,13 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             sizes = _static_sizes(cfg, info, name)
             key = cache_key("engine", component=name, backend=cfg.backend, version=engine.version(), options=cfg.cache_fields(),
                             spec=spec.to_json(), static=sizes, onnx=onnx_hashes if needs_calibration else onnx_hashes[name],
-                            calibration_prompts=list(extras.get("prompts", {}).get("calibration", prompts.CALIBRATION)) if needs_calibration else None)
+                            calibration_prompts=calibration_prompts if needs_calibration else None)
             keys[name] = key
             artifacts = cache.fetch(key, staging / name)
             hit = artifacts is not None
             if not hit:
                 if needs_calibration and calibration is None:
                     reference = reference or _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
-                    calibration_prompts = list(extras.get("prompts", {}).get("calibration", prompts.CALIBRATION))[: cfg.calibration_prompts]
                     log.info("recording U-Net inputs of %d prompts x %d steps at %dx%d for calibration", len(calibration_prompts),
                              cfg.calibration_steps, *reference_size)
                     from .accuracy import record_unet_inputs
@@ -167,7 +169,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
                 shutil.copy2(model_dir / "tokenizer" / name, tok_dir / name)
 
         accuracy = {"reference": True} if (cfg.backend, cfg.precision) == ("onnxruntime", "fp32") else None
-        eval_prompts = list(extras.get("prompts", {}).get("evaluation", prompts.EVALUATION))[: cfg.accuracy_prompts]
+        eval_prompts = list(prompt_sets.get("evaluation", prompts.EVALUATION))[: cfg.accuracy_prompts]
         accuracy_key = cache_key("accuracy", engines=keys, prompts=eval_prompts, steps=cfg.accuracy_steps, size=reference_size,
                                  batch=cfg.batch, device=cfg.device)
         with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +208,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             "export_cache": "hit" if export_hit else "miss",
             "components": components,
             "accuracy": accuracy,
-            "files": hash_files(staging, [p for p in staging.rglob("*") if p.is_file()]),
+            "files": hash_files(staging, [p for p in staging.rglob("*") if p.is_file()], known=exported),
         }
         write_manifest(staging, manifest)
         _usual_permissions(staging)

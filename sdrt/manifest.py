@@ -23,8 +23,10 @@ def file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def hash_files(root: Path, paths: list[Path]) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): file_sha256(p) for p in sorted(paths)}
+def hash_files(root: Path, paths: list[Path], known: dict[Path, str] | None = None) -> dict[str, str]:
+    """sha256 of each file by its path relative to `root`; `known` holds hashes already computed."""
+    known = known or {}
+    return {p.relative_to(root).as_posix(): known.get(p) or file_sha256(p) for p in sorted(paths)}
 
 
 def model_hash(manifest: dict[str, Any]) -> str:
