@@ -26,7 +26,8 @@ from sdrt.errors import SdrtError
 MODEL_NAMES = ("tiny", "sd15", "sd21-base", "sd21-v")
 RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v"}
 BASELINES = ("diffusers", "none")
-ROW_KEYS = ("backend", "precision", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
+SHAPES = ("dynamic", "static")  # static: engines built with --static-shape HEIGHTxWIDTH (batch 1)
+ROW_KEYS = ("backend", "precision", "shape", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
             "peak_rss_mb", "engine_mb", "unet_gflops", "roofline_fraction", "speedup_vs_baseline", "memory_vs_baseline")
 
 
@@ -36,6 +37,7 @@ class BenchConfig:
     out: Path
     backends: tuple[str, ...] = ("onnxruntime",)
     precisions: tuple[str, ...] = ("fp32",)
+    shapes: tuple[str, ...] = ("dynamic",)
     height: int = 512
     width: int = 512
     steps: int = 20
@@ -51,6 +53,8 @@ class BenchConfig:
             raise SdrtError(f"--baseline {self.baseline!r} is not supported: accepted values are {', '.join(BASELINES)}")
         if self.repeat < 1 or self.warmup < 0 or self.steps < 1:
             raise SdrtError("--repeat and --steps must be >= 1, --warmup >= 0")
+        if not self.shapes or set(self.shapes) - set(SHAPES):
+            raise SdrtError(f"--shapes {','.join(self.shapes)!r} is not supported: accepted values are {', '.join(SHAPES)}")
 
 
 def _status(done: int, total: int, what: str, started: float) -> None:
@@ -106,7 +110,7 @@ def run(cfg: BenchConfig) -> dict:
     started = time.perf_counter()
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg.model)
-    configs = [(b, p) for b in cfg.backends for p in cfg.precisions]
+    configs = [(b, p, s) for b in cfg.backends for p in cfg.precisions for s in cfg.shapes]
     total = 2 + 2 * len(configs) + (cfg.baseline != "none")
     done = 0
     common = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "scheduler": cfg.scheduler, "repeat": cfg.repeat,
@@ -120,25 +124,27 @@ def run(cfg: BenchConfig) -> dict:
     rows, skipped = [], []
     if cfg.baseline == "diffusers":
         _status(done, total, "timing the diffusers baseline (PyTorch eager fp32)", started)
-        rows.append({"backend": "diffusers", "precision": "fp32", "build_s": None, "engine_mb": None, **_worker({"kind": "diffusers", "model": model, **common})})
+        rows.append({"backend": "diffusers", "precision": "fp32", "shape": "dynamic", "build_s": None, "engine_mb": None, **_worker({"kind": "diffusers", "model": model, **common})})
         done += 1
-    for backend, precision in configs:
-        engines = cfg.out / "engines" / f"{backend}-{precision}"
-        _status(done, total, f"building {backend} {precision}", started)
+    for backend, precision, shape in configs:
+        name = f"{backend} {precision}" + (" static" if shape == "static" else "")
+        engines = cfg.out / "engines" / name.replace(" ", "-")
+        static = ["--static-shape", f"{cfg.height}x{cfg.width}"] if shape == "static" else []
+        _status(done, total, f"building {name}", started)
         build_started = time.perf_counter()
         build = subprocess.run([sys.executable, "-m", "sdrt.cli", "build", str(model), "--out", str(engines), "--overwrite",
-                                "--backend", backend, "--precision", precision, "--threads", str(cfg.threads), *cfg.build_args],
+                                "--backend", backend, "--precision", precision, "--threads", str(cfg.threads), *static, *cfg.build_args],
                                capture_output=True, text=True)
         build_s = time.perf_counter() - build_started
         done += 1
         if build.returncode != 0:
             reason = build.stderr.strip().splitlines()[-1] if build.stderr.strip() else f"exit {build.returncode}"
-            skipped.append({"backend": backend, "precision": precision, "reason": reason})
+            skipped.append({"backend": backend, "precision": precision, "shape": shape, "reason": reason})
             done += 1
             continue
-        _status(done, total, f"timing {backend} {precision}", started)
+        _status(done, total, f"timing {name}", started)
         manifest = json.loads((engines / "manifest.json").read_text())
-        row = {"backend": backend, "precision": precision, "build_s": build_s, "engine_mb": _folder_mb(engines),
+        row = {"backend": backend, "precision": precision, "shape": shape, "build_s": build_s, "engine_mb": _folder_mb(engines),
                **_worker({"kind": "sdrt", "engines": engines, **common})}
         accuracy = manifest.get("accuracy") or {}
         row["image_psnr_vs_fp32_db"] = None if accuracy.get("reference") else accuracy.get("min_image_psnr_db")

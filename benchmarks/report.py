@@ -28,7 +28,9 @@ def _fmt(value, key: str | None = None) -> str:
 
 
 def _label(row: dict) -> str:
-    return "diffusers (PyTorch eager fp32)" if row["backend"] == "diffusers" else f"sdrt {row['backend']} {row['precision']}"
+    if row["backend"] == "diffusers":
+        return "diffusers (PyTorch eager fp32)"
+    return f"sdrt {row['backend']} {row['precision']}" + (" static" if row.get("shape") == "static" else "")
 
 
 def markdown(results: dict) -> str:
@@ -56,7 +58,8 @@ def markdown(results: dict) -> str:
                 cells.append(_fmt(row.get(key), key))
         lines.append("| " + " | ".join(cells) + " |")
     for skip in results.get("skipped", []):
-        lines.append(f"\nNot built: {skip['backend']} {skip['precision']}: {skip['reason']}")
+        static = " static" if skip.get("shape") == "static" else ""
+        lines.append(f"\nNot built: {skip['backend']} {skip['precision']}{static}: {skip['reason']}")
     return "\n".join(lines) + "\n"
 
 

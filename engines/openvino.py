@@ -32,8 +32,8 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
 XML, BIN = "model.xml", "model.bin"
 
 
-def _device(name: str) -> str:
-    available = ov.Core().available_devices
+def _device(name: str, core: ov.Core) -> str:
+    available = core.available_devices
     wanted = name.upper()
     if not any(d == wanted or d.startswith(wanted + ".") for d in available):
         raise SdrtError(f"--device {name!r} is not available to openvino here: accepted values are "
@@ -74,7 +74,7 @@ class OpenVinoEngine:
                 raise SdrtError(f"--precision {cfg.precision} with openvino needs NNCF: pip install nncf") from None
         if cfg.int8_method != "static":
             raise SdrtError("--int8-method dynamic applies to --backend onnxruntime; openvino int8 is calibrated (static)")
-        _device(cfg.device)
+        _device(cfg.device, ov.Core())
 
     @classmethod
     def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
@@ -133,7 +133,7 @@ class OpenVinoEngine:
         if cfg.threads:
             config["INFERENCE_NUM_THREADS"] = cfg.threads
         try:
-            compiled = core.compile_model(str(component_dir / XML), _device(cfg.device), config)
+            compiled = core.compile_model(str(component_dir / XML), _device(cfg.device, core), config)
         except RuntimeError as exc:
             raise SdrtError(f"openvino could not load {component_dir / XML}: {exc}; rebuild the engines with `sdrt build`") from None
         return cls(compiled.create_infer_request(), spec)

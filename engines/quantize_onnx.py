@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +29,17 @@ def _excluded(onnx_path: Path, patterns: tuple[str, ...]) -> list[str]:
     return [n.name for n in nodes if any(re.search(p, n.name) for p in patterns)]
 
 
-def _large(onnx_path: Path) -> bool:
-    return onnx_path.with_name(onnx_path.name + ".data").exists()
+def _own_external_data(onnx_path: Path) -> bool:
+    """Whether the graph keeps its weights in external data; if so, that file becomes this folder's own.
+    onnx refuses external data with several hard links, and the build links it from the export cache."""
+    data = onnx_path.with_name(onnx_path.name + ".data")
+    if not data.exists():
+        return False
+    if data.stat().st_nlink > 1:
+        copy = data.with_name(data.name + ".own")
+        shutil.copyfile(data, copy)
+        os.replace(copy, data)
+    return True
 
 
 def quantize_static_int8(onnx_path: Path, feeds: list[dict[str, np.ndarray]], ignore: tuple[str, ...]) -> Path:
@@ -39,7 +50,7 @@ def quantize_static_int8(onnx_path: Path, feeds: list[dict[str, np.ndarray]], ig
     out = onnx_path.with_name("model.int8.onnx")
     quantize_static(str(onnx_path), str(out), _Feeds(feeds), quant_format=QuantFormat.QDQ, per_channel=True,
                     reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    nodes_to_exclude=_excluded(onnx_path, ignore), use_external_data_format=_large(onnx_path),
+                    nodes_to_exclude=_excluded(onnx_path, ignore), use_external_data_format=_own_external_data(onnx_path),
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     return out
 
@@ -49,5 +60,5 @@ def quantize_dynamic_int8(onnx_path: Path, ignore: tuple[str, ...]) -> Path:
     out = onnx_path.with_name("model.int8.onnx")
     quantize_dynamic(str(onnx_path), str(out), op_types_to_quantize=["MatMul", "Gemm"], per_channel=True, reduce_range=True,
                      weight_type=QuantType.QInt8, nodes_to_exclude=_excluded(onnx_path, ignore),
-                     use_external_data_format=_large(onnx_path))
+                     use_external_data_format=_own_external_data(onnx_path))
     return out

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from sdrt.cpu import cpu_description
 from sdrt.engines.base import BuildConfig, LoadConfig, engine_class, static_spec
 from sdrt.engines.cache import BuildCache, cache_key
 from sdrt.errors import SdrtError
+from sdrt.image_io import usual_mode
 from sdrt.manifest import MANIFEST, file_sha256, hash_files, write_manifest
 from sdrt.model_info import ModelInfo, read_json, read_model_info, scheduler_config_path
 from sdrt.pipeline import TXT2IMG_COMPONENTS, StableDiffusion
@@ -49,10 +49,9 @@ def _scheduler_config(model_dir: Path) -> dict:
 
 def _usual_permissions(root: Path) -> None:
     """mkdtemp and some writers create owner-only entries; give the folder the umask's usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
+    modes = {True: usual_mode(directory=True), False: usual_mode(directory=False)}
     for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+        path.chmod(modes[path.is_dir()])
 
 
 def _files(folder: Path) -> list[Path]:

@@ -102,7 +102,7 @@ def _bench(args: argparse.Namespace) -> None:
         return items
 
     cfg = BenchConfig(model=args.model, out=Path(args.out), backends=names("--backends", args.backends),
-                      precisions=names("--precisions", args.precisions), height=args.height, width=args.width, steps=args.steps,
+                      precisions=names("--precisions", args.precisions), shapes=names("--shapes", args.shapes), height=args.height, width=args.width, steps=args.steps,
                       scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=args.threads, baseline=args.baseline,
                       build_args=tuple(args.build_arg))
     results = run(cfg)
@@ -219,6 +219,8 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", required=True, help="folder for results.json, report.md, report.png and the engines")
     bn.add_argument("--backends", default="onnxruntime", help="comma-separated (default onnxruntime)")
     bn.add_argument("--precisions", default="fp32", help="comma-separated (default fp32)")
+    bn.add_argument("--shapes", default="dynamic", help="comma-separated: dynamic (default), static (engines built with "
+                    "--static-shape HEIGHTxWIDTH)")
     bn.add_argument("--height", type=int, default=512)
     bn.add_argument("--width", type=int, default=512)
     bn.add_argument("--steps", type=int, default=20)

@@ -38,6 +38,13 @@ def check_writable(paths: list[Path], overwrite: bool) -> None:
             raise SdrtError(f"--output folder {folder} is not writable")
 
 
+def usual_mode(directory: bool) -> int:
+    """The mode a plain open()/mkdir() would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
     """image: (H, W, 3) uint8. Written to a temporary file in the same folder, then renamed."""
     info = PngInfo()
@@ -46,9 +53,7 @@ def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(image, mode="RGB").save(f, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files; outputs get the usual mode
+        os.chmod(tmp, usual_mode(directory=False))  # mkstemp makes owner-only files; outputs get the usual mode
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

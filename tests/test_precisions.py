@@ -109,3 +109,29 @@ def test_unavailable_precisions_say_so(tiny_models, tmp_path):
         with pytest.raises(SdrtError, match=message):
             build_engines(tiny_models["sd1"], tmp_path / "x", cfg)
     assert not (tmp_path / "x").exists()
+
+
+def test_int8_of_a_graph_whose_weights_are_hard_linked(tmp_path):
+    """Large exports keep weights in model.onnx.data, hard-linked from the export cache; onnx refuses to
+    quantize such a file, so the engine folder gets its own copy and the cache's file stays as it was."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sdrt.engines.quantize_onnx import quantize_dynamic_int8
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], [weight])
+    cache, engine = tmp_path / "cache", tmp_path / "engine"
+    cache.mkdir(), engine.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(cache / "model.onnx"),
+              save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    (engine / "model.onnx").write_bytes((cache / "model.onnx").read_bytes())
+    (engine / "model.onnx.data").hardlink_to(cache / "model.onnx.data")
+    cached = (cache / "model.onnx.data").read_bytes()
+
+    out = quantize_dynamic_int8(engine / "model.onnx", ())
+
+    assert "MatMulInteger" in {n.op_type for n in onnx.load(str(out)).graph.node}
+    assert (cache / "model.onnx.data").stat().st_nlink == 1 and (cache / "model.onnx.data").read_bytes() == cached

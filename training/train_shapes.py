@@ -176,7 +176,8 @@ def random_caption(attr: np.ndarray, rng: np.random.Generator) -> str:
     return caption(scene, with_size=rng.random() < 0.5, with_position=rng.random() < 0.6)
 
 
-def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, seed: int):
+def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, seed: int, prediction_type: str,
+               init: Path | None):
     tokenizer = SdrtTokenizer(work / "tokenizer")
     text_encoder = make_text_encoder(len(json.loads((work / "tokenizer" / "vocab.json").read_text())), tokenizer.bos_id,
                                      tokenizer.eos_id, tokenizer.pad_id)
@@ -184,8 +185,12 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
     ema_text, ema_unet = make_text_encoder(text_encoder.config.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id), make_unet()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    ckpt = work / "unet.pt"
+    ckpt = work / ("unet.pt" if prediction_type == "epsilon" else f"unet-{prediction_type}.pt")
     step, rng = 0, np.random.default_rng(seed + 2)
+    if not ckpt.exists() and init is not None:  # start from another run's EMA weights (e.g. an epsilon run)
+        state = torch.load(init, weights_only=False)
+        unet.load_state_dict(state["ema_unet"]), text_encoder.load_state_dict(state["ema_text"])
+        log(f"unet: starting from the weights of {init} (its step {state['step']})")
     if ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         unet.load_state_dict(state["unet"]), text_encoder.load_state_dict(state["text"]), opt.load_state_dict(state["opt"])
@@ -194,7 +199,7 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
     else:
         ema_unet.load_state_dict(unet.state_dict()), ema_text.load_state_dict(text_encoder.state_dict())
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
-        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters, step {step}/{steps}")
+        f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters, {prediction_type}, step {step}/{steps}")
     betas = torch.linspace(SD_BETAS["beta_start"] ** 0.5, SD_BETAS["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
     alphas_cumprod = torch.cumprod(1 - betas, 0).float()
     moments, attributes = torch.from_numpy(data["moments"]), data["attributes"]
@@ -217,7 +222,10 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        # v-prediction gives the high-noise steps, where the layout is decided, the weight of the others (epsilon
+        # prediction gives them almost none); tried for position on this model, it did not help (see the model card)
+        target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        loss = F.mse_loss(pred, target)
         optimizer_step(opt, loss, params, lr_at(step, steps, 1e-3, warmup=200))
         step += 1
         decay = min(0.999, (1 + step) / (10 + step))
@@ -233,9 +241,9 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
     return ema_text.eval(), ema_unet.eval(), step
 
 
-def export(work: Path, out: Path, vae: AutoencoderKL, text_encoder, unet, scale: float, meta: dict) -> None:
+def export(work: Path, out: Path, vae: AutoencoderKL, text_encoder, unet, scale: float, prediction_type: str, meta: dict) -> None:
     vae.register_to_config(scaling_factor=scale)
-    scheduler = DPMSolverMultistepScheduler(**SD_BETAS, steps_offset=1)
+    scheduler = DPMSolverMultistepScheduler(**SD_BETAS, steps_offset=1, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -261,6 +269,9 @@ def main() -> None:
     parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-minutes", type=float, default=60, help="stop the U-Net stage after this long (this run)")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    parser.add_argument("--init-unet", type=Path, default=None,
+                        help="U-Net checkpoint whose EMA weights start this U-Net stage (when it has no checkpoint yet)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -275,10 +286,12 @@ def main() -> None:
     vae = finetune_decoder(args.work, vae, args.decoder_steps, args.vae_batch, args.seed)
     if args.decoder_only:
         return
-    text_encoder, unet, steps = train_unet(args.work, data, args.unet_steps, args.unet_batch, args.unet_minutes, args.seed)
+    text_encoder, unet, steps = train_unet(args.work, data, args.unet_steps, args.unet_batch, args.unet_minutes, args.seed,
+                                           args.prediction_type, args.init_unet)
     meta = {"vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "decoder_steps": args.decoder_steps, "images": args.images, "unet_steps": steps,
-            "unet_batch": args.unet_batch, "seed": args.seed, "threads": args.threads}
-    export(args.work, args.out, vae, text_encoder, unet, float(data["scaling_factor"]), meta)
+            "unet_batch": args.unet_batch, "prediction_type": args.prediction_type, "init_unet": str(args.init_unet or ""),
+            "seed": args.seed, "threads": args.threads}
+    export(args.work, args.out, vae, text_encoder, unet, float(data["scaling_factor"]), args.prediction_type, meta)
     log(f"done in {(time.time() - started) / 60:.1f} min this run")
 
 
