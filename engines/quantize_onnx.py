@@ -26,7 +26,7 @@ def _excluded(onnx_path: Path, patterns: tuple[str, ...]) -> list[str]:
     if not patterns:
         return []
     nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
-    return [n.name for n in nodes if any(re.search(p, n.name) for p in patterns)]
+    return [n.name for n in nodes if any(re.fullmatch(p, n.name) for p in patterns)]
 
 
 def _own_external_data(onnx_path: Path) -> bool:

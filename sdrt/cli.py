@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--reference-size", metavar="HxW", help="image size of calibration and accuracy runs (default: the model's)")
     b.add_argument("--int8-method", default="static", help="onnxruntime int8: static (calibrated QDQ, default) or dynamic")
     b.add_argument("--smooth-quant-alpha", type=float, default=None, help="openvino int8: SmoothQuant strength (default off)")
-    b.add_argument("--int8-ignore", action="append", default=[], metavar="REGEX", help="int8: keep nodes matching REGEX in float (repeatable)")
+    b.add_argument("--int8-ignore", action="append", default=[], metavar="REGEX", help="int8: keep in float the nodes whose whole name matches REGEX, e.g. '.*conv_in.*' (repeatable)")
     b.add_argument("--accuracy-prompts", type=int, default=2, help="prompts of the accuracy check against fp32 (0: skip; default 2)")
     b.add_argument("--accuracy-steps", type=int, default=10, help="denoising steps of the accuracy check (default 10)")
     b.add_argument("--min-psnr", type=float, default=None, metavar="DB", help="fail the build if the image PSNR against fp32 is lower")
