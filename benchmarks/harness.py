@@ -23,6 +23,8 @@ from sdrt.cpu import cpu_description
 from sdrt.engines.cache import cache_root
 from sdrt.errors import SdrtError
 
+from .report import config_name, write_report
+
 MODEL_NAMES = ("tiny", "sd15", "sd21-base", "sd21-v")
 RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v"}
 BASELINES = ("diffusers", "none")
@@ -127,7 +129,7 @@ def run(cfg: BenchConfig) -> dict:
         rows.append({"backend": "diffusers", "precision": "fp32", "shape": "dynamic", "build_s": None, "engine_mb": None, **_worker({"kind": "diffusers", "model": model, **common})})
         done += 1
     for backend, precision, shape in configs:
-        name = f"{backend} {precision}" + (" static" if shape == "static" else "")
+        name = config_name(backend, precision, shape)
         engines = cfg.out / "engines" / name.replace(" ", "-")
         static = ["--static-shape", f"{cfg.height}x{cfg.width}"] if shape == "static" else []
         _status(done, total, f"building {name}", started)
@@ -166,8 +168,6 @@ def run(cfg: BenchConfig) -> dict:
         "skipped": skipped,
     }
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    from .report import write_report
-
     write_report(results, cfg.out)
     _status(total, total, f"done: {cfg.out / 'results.json'}, report.md, report.png", started)
     return results

@@ -27,10 +27,14 @@ def _fmt(value, key: str | None = None) -> str:
     return str(value)
 
 
+def config_name(backend: str, precision: str, shape: str = "dynamic") -> str:
+    return f"{backend} {precision}" + (" static" if shape == "static" else "")
+
+
 def _label(row: dict) -> str:
     if row["backend"] == "diffusers":
         return "diffusers (PyTorch eager fp32)"
-    return f"sdrt {row['backend']} {row['precision']}" + (" static" if row.get("shape") == "static" else "")
+    return "sdrt " + config_name(row["backend"], row["precision"], row.get("shape", "dynamic"))
 
 
 def markdown(results: dict) -> str:
@@ -58,8 +62,7 @@ def markdown(results: dict) -> str:
                 cells.append(_fmt(row.get(key), key))
         lines.append("| " + " | ".join(cells) + " |")
     for skip in results.get("skipped", []):
-        static = " static" if skip.get("shape") == "static" else ""
-        lines.append(f"\nNot built: {skip['backend']} {skip['precision']}{static}: {skip['reason']}")
+        lines.append(f"\nNot built: {config_name(skip['backend'], skip['precision'], skip.get('shape', 'dynamic'))}: {skip['reason']}")
     return "\n".join(lines) + "\n"
 
 

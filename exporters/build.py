@@ -133,8 +133,9 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
     try:
         started = time.perf_counter()
         export_errors, export_hit = _export(model_dir, info, specs, staging, cache)
-        exported = {p: file_sha256(p) for name in specs for p in _files(staging / name)}  # portable graphs: never rewritten
-        onnx_hashes = {name: [exported[p] for p in _files(staging / name)] for name in specs}
+        exported_files = {name: _files(staging / name) for name in specs}
+        exported = {p: file_sha256(p) for paths in exported_files.values() for p in paths}  # portable graphs: never rewritten
+        onnx_hashes = {name: [exported[p] for p in paths] for name, paths in exported_files.items()}
         prompt_sets = extras.get("prompts", {})
         calibration_prompts = list(prompt_sets.get("calibration", prompts.CALIBRATION))[: cfg.calibration_prompts]
         calibration = None
