@@ -80,7 +80,7 @@ def measure_sdrt(a: dict) -> dict:
     manifest = pipe.manifest
     backend = engine_class(manifest["backend"]["name"])
     encoder = backend.load(Path(a["engines"]) / "vae_encoder", ComponentSpec.from_json(manifest["components"]["vae_encoder"]["spec"]),
-                           LoadConfig(threads=a["threads"]))
+                           LoadConfig(threads=a["threads"], precision=manifest["precision"]))
     image = np.random.default_rng(0).uniform(-1, 1, (1, 3, a["height"], a["width"])).astype(np.float32)
     encode = []
     for _ in range(1 + a["repeat"]):

@@ -16,7 +16,7 @@ import numpy as np
 from sdrt.components import ComponentSpec
 from sdrt.errors import SdrtError
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weights")
 INT8_METHODS = ("static", "dynamic")
 
 # backend name -> "module:class", imported only when that backend is used
@@ -69,6 +69,7 @@ class BuildConfig:
 class LoadConfig:
     device: str = "cpu"
     threads: int = 0
+    precision: str = "fp32"  # the engine folder's build precision: backends that pick a compute type at load need it
 
 
 class Engine(Protocol):

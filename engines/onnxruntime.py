@@ -64,7 +64,7 @@ class OnnxRuntimeEngine:
     def check(cls, cfg: BuildConfig) -> None:
         if cfg.precision not in PRECISIONS:
             raise SdrtError(f"--precision {cfg.precision} is not available for onnxruntime: accepted values are {', '.join(PRECISIONS)} "
-                            "(fp16 and int8-weights: use --backend openvino)")
+                            "(fp16, bf16 and int8-weights: use --backend openvino)")
         if cfg.static_shape:
             raise SdrtError("--static-shape is supported by --backend openvino only")
         _providers(cfg.device)

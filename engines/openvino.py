@@ -3,11 +3,15 @@ where OpenVINO reports them) with the LATENCY hint and OpenVINO's model cache.
 
 Precisions (--precision):
   fp32          IR in fp32
-  fp16          weights stored in fp16; the CPU computes in fp32 unless it has native fp16
+  fp16          weights stored in fp16; computed in fp16 where the device has native fp16, else fp32
+  bf16          weights stored in fp32, computed in bfloat16 (devices with native bf16 only:
+                AVX512_BF16 or AMX on CPUs)
   int8-weights  every component: 8-bit weights (NNCF weight compression), fp32 compute
   int8          U-Net: NNCF post-training quantization on recorded U-Net inputs, hybrid as
                 optimum-intel does it (8-bit weights for all MatMuls, int8 activations and weights
                 for the rest); text encoder and VAE: 8-bit weights only
+Every precision but bf16 computes its float parts in fp32: OpenVINO's own default on CPUs with
+native bf16 is bf16, so sdrt sets INFERENCE_PRECISION_HINT at load (the IR does not carry it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from .cache import cache_root
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8", "int8-weights")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weights")
 XML, BIN = "model.xml", "model.bin"
 
 
@@ -39,6 +43,17 @@ def _device(name: str, core: ov.Core) -> str:
         raise SdrtError(f"--device {name!r} is not available to openvino here: accepted values are "
                         f"{', '.join(sorted({d.split('.')[0].lower() for d in available}))}")
     return wanted
+
+
+def _inference_precision(precision: str, device: str, core: ov.Core) -> str:
+    """The compute type of the float parts of an engine built at `precision` (an OpenVINO element type name)."""
+    capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    if precision == "bf16":
+        if "BF16" not in capabilities:
+            raise SdrtError(f"--precision bf16 needs native bf16 on the device: openvino's {device} reports {', '.join(capabilities)}; "
+                            f"use fp32 or int8 here")
+        return "bf16"
+    return "f16" if precision == "fp16" and "FP16" in capabilities else "f32"
 
 
 def _weighted_matmuls(model: ov.Model) -> list[str]:
@@ -74,7 +89,8 @@ class OpenVinoEngine:
                 raise SdrtError(f"--precision {cfg.precision} with openvino needs NNCF: pip install nncf") from None
         if cfg.int8_method != "static":
             raise SdrtError("--int8-method dynamic applies to --backend onnxruntime; openvino int8 is calibrated (static)")
-        _device(cfg.device, ov.Core())
+        core = ov.Core()
+        _inference_precision(cfg.precision, _device(cfg.device, core), core)
 
     @classmethod
     def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
@@ -129,11 +145,12 @@ class OpenVinoEngine:
     def load(cls, component_dir: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OpenVinoEngine":
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})
-        config = {"PERFORMANCE_HINT": "LATENCY"}
+        device = _device(cfg.device, core)
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _inference_precision(cfg.precision, device, core)}
         if cfg.threads:
             config["INFERENCE_NUM_THREADS"] = cfg.threads
         try:
-            compiled = core.compile_model(str(component_dir / XML), _device(cfg.device, core), config)
+            compiled = core.compile_model(str(component_dir / XML), device, config)
         except RuntimeError as exc:
             raise SdrtError(f"openvino could not load {component_dir / XML}: {exc}; rebuild the engines with `sdrt build`") from None
         return cls(compiled.create_infer_request(), spec)

@@ -180,7 +180,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             from .accuracy import accuracy_report
 
             reference = reference or _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
-            load_cfg = LoadConfig(device=cfg.device, threads=cfg.threads)
+            load_cfg = LoadConfig(device=cfg.device, threads=cfg.threads, precision=cfg.precision)
             built = {name: engine.load(staging / name, ComponentSpec.from_json(components[name]["spec"]), load_cfg) for name in specs}
             candidate = StableDiffusion(info, scheduler_config, reference.tokenizer, {n: built[n] for n in TXT2IMG_COMPONENTS})
             log.info("checking accuracy against fp32 on %d prompts x %d steps at %dx%d", len(eval_prompts), cfg.accuracy_steps, *reference_size)

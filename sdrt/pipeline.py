@@ -69,7 +69,7 @@ class StableDiffusion:
     def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: bool = True) -> "StableDiffusion":
         manifest = load_manifest(engine_dir, verify=False)
         backend = engine_class(manifest["backend"]["name"])
-        cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads)
+        cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"])
         if verify:  # the hashes of what this run reads: tokenizer files and the engines it loads
             tokenizer_files = [engine_dir / rel for rel in manifest["files"] if rel.startswith("tokenizer/")]
             engine_files = [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(engine_dir / name, cfg)]
