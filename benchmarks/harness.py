@@ -27,7 +27,8 @@ from .report import config_name, write_report
 
 MODEL_NAMES = ("tiny", "sd15", "sd21-base", "sd21-v")
 RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v"}
-BASELINES = ("diffusers", "none")
+# baseline -> torch dtype of the diffusers pipeline; ratios are against "diffusers" (fp32), the others are further rows
+BASELINES = {"diffusers": "fp32", "diffusers-bf16": "bf16"}
 SHAPES = ("dynamic", "static")  # static: engines built with --static-shape HEIGHTxWIDTH (batch 1)
 ROW_KEYS = ("backend", "precision", "shape", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
             "peak_rss_mb", "engine_mb", "unet_gflops", "roofline_fraction", "speedup_vs_baseline", "memory_vs_baseline")
@@ -47,12 +48,13 @@ class BenchConfig:
     repeat: int = 1
     warmup: int = 1
     threads: int = 0
-    baseline: str = "diffusers"
+    baselines: tuple[str, ...] = ("diffusers",)  # () for none
     build_args: tuple[str, ...] = ()  # passed through to `sdrt build`
 
     def __post_init__(self):
-        if self.baseline not in BASELINES:
-            raise SdrtError(f"--baseline {self.baseline!r} is not supported: accepted values are {', '.join(BASELINES)}")
+        if set(self.baselines) - set(BASELINES):
+            raise SdrtError(f"--baseline {','.join(self.baselines)!r} is not supported: accepted values are {', '.join(BASELINES)} "
+                            "(comma-separated), or none")
         if self.repeat < 1 or self.warmup < 0 or self.steps < 1:
             raise SdrtError("--repeat and --steps must be >= 1, --warmup >= 0")
         if not self.shapes or set(self.shapes) - set(SHAPES):
@@ -113,7 +115,7 @@ def run(cfg: BenchConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg.model)
     configs = [(b, p, s) for b in cfg.backends for p in cfg.precisions for s in cfg.shapes]
-    total = 2 + 2 * len(configs) + (cfg.baseline != "none")
+    total = 2 + 2 * len(configs) + len(cfg.baselines)
     done = 0
     common = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "scheduler": cfg.scheduler, "repeat": cfg.repeat,
               "warmup": cfg.warmup, "threads": cfg.threads}
@@ -124,9 +126,11 @@ def run(cfg: BenchConfig) -> dict:
     unet_gflop = _worker({"kind": "flops", "model": model, "height": cfg.height, "width": cfg.width})["unet_gflop"]
     done += 1
     rows, skipped = [], []
-    if cfg.baseline == "diffusers":
-        _status(done, total, "timing the diffusers baseline (PyTorch eager fp32)", started)
-        rows.append({"backend": "diffusers", "precision": "fp32", "shape": "dynamic", "build_s": None, "engine_mb": None, **_worker({"kind": "diffusers", "model": model, **common})})
+    for baseline in cfg.baselines:
+        dtype = BASELINES[baseline]
+        _status(done, total, f"timing the {baseline} baseline (PyTorch eager {dtype})", started)
+        rows.append({"backend": "diffusers", "precision": dtype, "shape": "dynamic", "build_s": None, "engine_mb": None,
+                     **_worker({"kind": "diffusers", "model": model, "dtype": dtype, **common})})
         done += 1
     for backend, precision, shape in configs:
         name = config_name(backend, precision, shape)
@@ -153,7 +157,7 @@ def run(cfg: BenchConfig) -> dict:
         row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}
         rows.append(row)
         done += 1
-    baseline = rows[0] if cfg.baseline != "none" and rows else None
+    baseline = rows[0] if "diffusers" in cfg.baselines else None
     for row in rows:
         row["unet_gflops"] = unet_gflop / row["unet_step_s"]
         row["roofline_fraction"] = row["unet_gflops"] / gemm

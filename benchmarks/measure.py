@@ -4,7 +4,7 @@ a fresh one per configuration so that peak memory belongs to that configuration 
     python -m sdrt.benchmarks.measure '{"kind": "sdrt", "engines": ..., ...}'   -> one JSON line
 
 Kinds: "sdrt" (an engine folder), "diffusers" (the baseline: StableDiffusionPipeline, PyTorch eager
-fp32), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
+fp32 or bf16), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
 """
 
 from __future__ import annotations
@@ -106,10 +106,11 @@ def measure_diffusers(a: dict) -> dict:
 
     if a["threads"]:
         torch.set_num_threads(a["threads"])
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a["dtype"]]
     loads = []
     for _ in range(2):
         started = time.perf_counter()
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(a["model"], safety_checker=None, torch_dtype=torch.float32)
+        pipe = diffusers.StableDiffusionPipeline.from_pretrained(a["model"], safety_checker=None, torch_dtype=dtype)
         loads.append(time.perf_counter() - started)
         if len(loads) == 1:
             del pipe
@@ -140,7 +141,7 @@ def measure_diffusers(a: dict) -> dict:
         run()
         e2e.append(time.perf_counter() - started)
     peak = _peak_rss_mb()
-    image = torch.rand(1, 3, a["height"], a["width"]) * 2 - 1
+    image = (torch.rand(1, 3, a["height"], a["width"]) * 2 - 1).to(dtype)
     encode = []
     with torch.inference_mode():
         for _ in range(1 + a["repeat"]):

@@ -33,7 +33,7 @@ def config_name(backend: str, precision: str, shape: str = "dynamic") -> str:
 
 def _label(row: dict) -> str:
     if row["backend"] == "diffusers":
-        return "diffusers (PyTorch eager fp32)"
+        return f"diffusers (PyTorch eager {row['precision']})"
     return "sdrt " + config_name(row["backend"], row["precision"], row.get("shape", "dynamic"))
 
 

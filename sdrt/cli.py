@@ -103,7 +103,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     cfg = BenchConfig(model=args.model, out=Path(args.out), backends=names("--backends", args.backends),
                       precisions=names("--precisions", args.precisions), shapes=names("--shapes", args.shapes), height=args.height, width=args.width, steps=args.steps,
-                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=args.threads, baseline=args.baseline,
+                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=args.threads, baselines=() if args.baseline == "none" else names("--baseline", args.baseline),
                       build_args=tuple(args.build_arg))
     results = run(cfg)
     from .benchmarks.report import markdown
@@ -228,7 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--repeat", type=int, default=1, help="timed generations per configuration (median reported)")
     bn.add_argument("--warmup", type=int, default=1, help="untimed generations first")
     bn.add_argument("--threads", type=int, default=0, help="threads for every configuration and the baseline (0: all cores)")
-    bn.add_argument("--baseline", default="diffusers", help="diffusers (default) or none")
+    bn.add_argument("--baseline", default="diffusers",
+                    help="diffusers (PyTorch eager fp32, default; speed-ups and memory ratios are against it), diffusers-bf16 "
+                         "(eager bfloat16, a further row), comma-separated; or none")
     bn.add_argument("--build-arg", action="append", default=[], help="extra argument for `sdrt build` (repeatable), e.g. --build-arg=--reference-size=256x256")
     bn.set_defaults(func=_bench)
 

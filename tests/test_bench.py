@@ -18,14 +18,14 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--height", "16", "--width", "16",
                              "--steps", "3", "--backends", "onnxruntime,openvino", "--precisions", "fp32,fp16", "--shapes", "dynamic,static", "--out", out,
-                             "--threads", "1"], capture_output=True, text=True, timeout=900)
+                             "--threads", "1", "--baseline", "diffusers,diffusers-bf16"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
-    assert "timing the diffusers baseline" in result.stderr and "[19/19]" in result.stderr  # progress lines
+    assert "timing the diffusers baseline" in result.stderr and "[20/20]" in result.stderr  # progress lines
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"machine", "config", "gemm_gflops", "rows"}
     assert results["gemm_gflops"] > 0 and results["machine"]["cores"] >= 1 and "onnxruntime" in results["machine"]["versions"]
     rows = {(r["backend"], r["precision"], r["shape"]): r for r in results["rows"]}
-    assert set(rows) == {("diffusers", "fp32", "dynamic"), ("onnxruntime", "fp32", "dynamic"), ("openvino", "fp32", "dynamic"),
+    assert set(rows) == {("diffusers", "fp32", "dynamic"), ("diffusers", "bf16", "dynamic"), ("onnxruntime", "fp32", "dynamic"), ("openvino", "fp32", "dynamic"),
                          ("openvino", "fp16", "dynamic"), ("openvino", "fp32", "static"), ("openvino", "fp16", "static")}
     skipped = {(s["backend"], s["precision"], s["shape"]): s["reason"] for s in results["skipped"]}
     assert set(skipped) == {("onnxruntime", "fp16", "dynamic"), ("onnxruntime", "fp32", "static"), ("onnxruntime", "fp16", "static")}
@@ -39,6 +39,15 @@ def test_bench_smoke(tmp_path):
     assert rows["diffusers", "fp32", "dynamic"]["speedup_vs_baseline"] == 1.0 and rows["diffusers", "fp32", "dynamic"]["build_s"] is None
     assert rows["openvino", "fp32", "dynamic"]["engine_mb"] > 0 and rows["openvino", "fp32", "dynamic"]["build_s"] > 0
     report = (out / "report.md").read_text()
-    assert "| sdrt openvino fp16 |" in report and "| sdrt openvino fp32 static |" in report
+    assert "| diffusers (PyTorch eager bf16) |" in report and "| sdrt openvino fp16 |" in report and "| sdrt openvino fp32 static |" in report
     assert "Not built: onnxruntime fp16:" in report and "Not built: onnxruntime fp32 static:" in report
     assert Image.open(out / "report.png").size[0] > 100
+
+
+@pytest.mark.parametrize("option,value,message", [("--baseline", "diffusers,torch", "--baseline 'diffusers,torch' is not supported: accepted values are diffusers, diffusers-bf16"),
+                                                  ("--shapes", "dynamic,fixed", "--shapes 'dynamic,fixed' is not supported: accepted values are dynamic, static")])
+def test_bench_refuses_unknown_values(tmp_path, option, value, message):
+    result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--out", tmp_path / "run", option, value],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
