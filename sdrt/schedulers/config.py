@@ -28,8 +28,10 @@ class CommonConfig:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023: betas rescaled so that alpha_bar_T = 0
 
     # keys diffusers accepts for this scheduler whose non-default values sdrt does not implement
+    # (LMS and PNDM: diffusers' classes do not know rescale_betas_zero_snr, so sdrt refuses it there)
     UNSUPPORTED = {"rescale_betas_zero_snr": False}
     PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 

@@ -19,7 +19,7 @@ class DDIMConfig(CommonConfig):
     clip_sample_range: float = 1.0
     set_alpha_to_one: bool = True
 
-    UNSUPPORTED = {"rescale_betas_zero_snr": False, "thresholding": False}
+    UNSUPPORTED = {"thresholding": False}
 
 
 class DDIMScheduler(Scheduler):

@@ -25,7 +25,6 @@ class DPMSolverConfig(CommonConfig):
     final_sigmas_type: str = "zero"
 
     UNSUPPORTED = {
-        "rescale_betas_zero_snr": False,
         "thresholding": False,
         "algorithm_type": "dpmsolver++",
         "euler_at_final": False,
@@ -52,7 +51,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
             raise SdrtError(f"scheduler config key 'solver_type' = {cfg.solver_type!r} is not supported (accepted: midpoint, heun)")
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise SdrtError(f"scheduler config key 'final_sigmas_type' = {cfg.final_sigmas_type!r} is not supported (accepted: zero, sigma_min)")
-        self.alphas_cumprod = alphas_cumprod(cfg)
+        self.alphas_cumprod = alphas_cumprod(cfg, terminal_floor=True)
 
     def _spaced(self, num_steps: int) -> np.ndarray:
         # DPM-Solver spaces n + 1 points and drops the last (t = 0)

@@ -17,7 +17,7 @@ from .sigma_schedule import SigmaConfig, scale_by_sigma, sigma_schedule
 
 @dataclasses.dataclass(frozen=True)
 class LMSConfig(SigmaConfig):
-    pass
+    UNSUPPORTED = {**SigmaConfig.UNSUPPORTED, "rescale_betas_zero_snr": False}  # diffusers' LMS has no such option
 
 
 class LMSScheduler(Scheduler):

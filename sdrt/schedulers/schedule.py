@@ -16,12 +16,13 @@ from .config import CommonConfig
 
 
 def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-    # torch.linspace(start, end, steps, dtype=float32): float32 step, filled from both ends.
+    # torch.linspace(start, end, steps, dtype=float32): float32 step, filled from both ends with a
+    # fused multiply-add (one rounding: exact in float64 for float32 operands, then rounded).
     start32, end32 = np.float32(start), np.float32(end)
-    step = (end32 - start32) / np.float32(steps - 1)
+    step = np.float64((end32 - start32) / np.float32(steps - 1))
     idx = np.arange(steps)
-    head = start32 + step * idx.astype(np.float32)
-    tail = end32 - step * (steps - idx - 1).astype(np.float32)
+    head = np.float64(start32) + step * idx
+    tail = np.float64(end32) - step * (steps - idx - 1)
     return np.where(idx < steps // 2, head, tail).astype(np.float32)
 
 
@@ -38,8 +39,27 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarr
     )
 
 
-def alphas_cumprod(cfg: CommonConfig) -> np.ndarray:
-    """(num_train_timesteps,) float32: the cumulative product of 1 - beta."""
+def _cumprod(alphas: np.ndarray) -> np.ndarray:
+    # torch.cumprod accumulates float32 in double on the CPU
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """(n,) float32: Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    Algorithm 1: sqrt(alpha_bar) shifted to end at 0 and scaled to keep its first value."""
+    alphas_bar_sqrt = np.sqrt(_cumprod(np.float32(1.0) - betas))
+    first, last = alphas_bar_sqrt[0], alphas_bar_sqrt[-1]
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return (np.float32(1.0) - alphas).astype(np.float32)
+
+
+def alphas_cumprod(cfg: CommonConfig, terminal_floor: bool = False) -> np.ndarray:
+    """(num_train_timesteps,) float32: the cumulative product of 1 - beta.
+
+    `terminal_floor`: with zero terminal SNR, the sigma schedulers replace alpha_bar_T = 0 by 2**-24
+    so that sigma_max stays finite (4096), as diffusers does; DDIM keeps the 0."""
     n = cfg.num_train_timesteps
     if cfg.trained_betas is not None:
         betas = np.asarray(cfg.trained_betas, dtype=np.float32)
@@ -49,8 +69,12 @@ def alphas_cumprod(cfg: CommonConfig) -> np.ndarray:
         betas = _torch_linspace_f32(cfg.beta_start**0.5, cfg.beta_end**0.5, n) ** 2
     else:
         betas = _cosine_betas(n)
-    # torch.cumprod accumulates float32 in double on the CPU
-    return np.cumprod((np.float32(1.0) - betas).astype(np.float64)).astype(np.float32)
+    if cfg.rescale_betas_zero_snr:
+        betas = _rescale_zero_terminal_snr(betas)
+    cumprod = _cumprod(np.float32(1.0) - betas)
+    if cfg.rescale_betas_zero_snr and terminal_floor:
+        cumprod[-1] = np.float32(2.0**-24)
+    return cumprod
 
 
 def karras_sigma_table(cumprod: np.ndarray) -> np.ndarray:

@@ -15,7 +15,6 @@ class SigmaConfig(CommonConfig):
     use_karras_sigmas: bool = False
 
     UNSUPPORTED = {
-        "rescale_betas_zero_snr": False,
         "use_exponential_sigmas": False,
         "use_beta_sigmas": False,
         "interpolation_type": "linear",
@@ -30,7 +29,7 @@ def sigma_schedule(cfg: SigmaConfig, num_steps: int) -> tuple[np.ndarray, np.nda
     """-> timesteps (n,) float32, sigmas (n + 1,) float32 ending in 0, init_noise_sigma."""
     check_steps(num_steps, cfg)
     timesteps = spaced_timesteps(cfg, num_steps, integer=False)
-    table = karras_sigma_table(alphas_cumprod(cfg))
+    table = karras_sigma_table(alphas_cumprod(cfg, terminal_floor=True))
     sigmas = interp_sigmas(timesteps, table)
     if cfg.use_karras_sigmas:
         sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), num_steps)
