@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdrt.exporters.clip_vocab import learn_merges, write_tokenizer
@@ -177,7 +178,7 @@ def random_caption(attr: np.ndarray, rng: np.random.Generator) -> str:
 
 
 def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, seed: int, prediction_type: str,
-               init: Path | None):
+               init: Path | None, zero_snr: bool):
     tokenizer = SdrtTokenizer(work / "tokenizer")
     text_encoder = make_text_encoder(len(json.loads((work / "tokenizer" / "vocab.json").read_text())), tokenizer.bos_id,
                                      tokenizer.eos_id, tokenizer.pad_id)
@@ -185,7 +186,7 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
     ema_text, ema_unet = make_text_encoder(text_encoder.config.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id), make_unet()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    ckpt = work / ("unet.pt" if prediction_type == "epsilon" else f"unet-{prediction_type}.pt")
+    ckpt = work / ("unet.pt" if prediction_type == "epsilon" else f"unet-{prediction_type}{'-zero-snr' * zero_snr}.pt")
     step, rng = 0, np.random.default_rng(seed + 2)
     if not ckpt.exists() and init is not None:  # start from another run's EMA weights (e.g. an epsilon run)
         state = torch.load(init, weights_only=False)
@@ -201,6 +202,8 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
     log(f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M, text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()) / 1e6:.2f} M parameters, {prediction_type}, step {step}/{steps}")
     betas = torch.linspace(SD_BETAS["beta_start"] ** 0.5, SD_BETAS["beta_end"] ** 0.5, 1000, dtype=torch.float64) ** 2
+    if zero_snr:  # the last step's input is pure noise: the layout has to come from the prompt
+        betas = rescale_zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1 - betas, 0).float()
     moments, attributes = torch.from_numpy(data["moments"]), data["attributes"]
     scale = float(data["scaling_factor"])
@@ -241,9 +244,12 @@ def train_unet(work: Path, data: dict, steps: int, batch: int, minutes: float, s
     return ema_text.eval(), ema_unet.eval(), step
 
 
-def export(work: Path, out: Path, vae: AutoencoderKL, text_encoder, unet, scale: float, prediction_type: str, meta: dict) -> None:
+def export(work: Path, out: Path, vae: AutoencoderKL, text_encoder, unet, scale: float, prediction_type: str, zero_snr: bool,
+           meta: dict) -> None:
     vae.register_to_config(scaling_factor=scale)
-    scheduler = DPMSolverMultistepScheduler(**SD_BETAS, steps_offset=1, prediction_type=prediction_type)
+    # zero terminal SNR samples from t = 999 (trailing spacing), as Lin et al. 2023 prescribe
+    spacing = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"} if zero_snr else {"steps_offset": 1}
+    scheduler = DPMSolverMultistepScheduler(**SD_BETAS, prediction_type=prediction_type, **spacing)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(work / "tokenizer"),
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
@@ -270,11 +276,15 @@ def main() -> None:
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-minutes", type=float, default=60, help="stop the U-Net stage after this long (this run)")
     parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), default="epsilon")
+    parser.add_argument("--zero-snr", action="store_true",
+                        help="v_prediction only: betas rescaled to zero terminal SNR (Lin et al. 2023), trailing timesteps")
     parser.add_argument("--init-unet", type=Path, default=None,
                         help="U-Net checkpoint whose EMA weights start this U-Net stage (when it has no checkpoint yet)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.zero_snr and args.prediction_type != "v_prediction":
+        parser.error("--zero-snr needs --prediction-type v_prediction (epsilon is undefined at zero SNR)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -287,11 +297,11 @@ def main() -> None:
     if args.decoder_only:
         return
     text_encoder, unet, steps = train_unet(args.work, data, args.unet_steps, args.unet_batch, args.unet_minutes, args.seed,
-                                           args.prediction_type, args.init_unet)
+                                           args.prediction_type, args.init_unet, args.zero_snr)
     meta = {"vae_steps": args.vae_steps, "vae_batch": args.vae_batch, "decoder_steps": args.decoder_steps, "images": args.images, "unet_steps": steps,
-            "unet_batch": args.unet_batch, "prediction_type": args.prediction_type, "init_unet": str(args.init_unet or ""),
+            "unet_batch": args.unet_batch, "prediction_type": args.prediction_type, "zero_snr": args.zero_snr, "init_unet": str(args.init_unet or ""),
             "seed": args.seed, "threads": args.threads}
-    export(args.work, args.out, vae, text_encoder, unet, float(data["scaling_factor"]), args.prediction_type, meta)
+    export(args.work, args.out, vae, text_encoder, unet, float(data["scaling_factor"]), args.prediction_type, args.zero_snr, meta)
     log(f"done in {(time.time() - started) / 60:.1f} min this run")
 
 
