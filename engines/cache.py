@@ -64,3 +64,50 @@ class BuildCache:
             tmp.rename(entry)
         except OSError:  # another build stored it first
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# what lives under the cache root, by the prefix of its entries
+CACHE_KINDS = {
+    "exports": "export-",  # ONNX exports of a model's components
+    "engines": "engine-",  # built engine components
+    "accuracy": "accuracy-",  # accuracy reports of builds
+    "openvino": "openvino",  # OpenVINO's compiled-model cache (a blob per engine component)
+    "models": "models",  # random-weight models generated for `sdrt bench`
+}
+
+
+def _entries(root: Path, kind: str) -> list[Path]:
+    prefix = CACHE_KINDS[kind]
+    if not root.is_dir():
+        return []
+    if not prefix.endswith("-"):  # a folder whose children are the entries
+        folder = root / prefix
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+    # ".engine-<key>.xxxx" folders are stores that were interrupted
+    return sorted(p for p in root.iterdir() if p.name.startswith(prefix) or p.name.startswith("." + prefix))
+
+
+def cache_usage(root: Path) -> dict[str, dict[str, int]]:
+    """kind -> entries, bytes, and bytes_shared: bytes in files also linked from elsewhere (an engine
+    folder built from the cache), which deleting the entry does not free."""
+    usage = {}
+    for kind in CACHE_KINDS:
+        entries, total, shared = _entries(root, kind), 0, 0
+        for entry in entries:
+            for f in [entry] if entry.is_file() else (p for p in entry.rglob("*") if p.is_file()):
+                st = f.stat()
+                total += st.st_size
+                shared += st.st_size if st.st_nlink > 1 else 0
+        usage[kind] = {"entries": len(entries), "bytes": total, "bytes_shared": shared}
+    return usage
+
+
+def clear_cache(root: Path, kinds: list[str]) -> int:
+    """Delete every entry of `kinds`; -> entries deleted. Engine folders built from the cache keep working
+    (their files are links or copies); the next build or load of that kind does its work again."""
+    deleted = 0
+    for kind in kinds:
+        for entry in _entries(root, kind):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            deleted += 1
+    return deleted

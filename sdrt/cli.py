@@ -111,6 +111,25 @@ def _bench(args: argparse.Namespace) -> None:
     print(markdown(results))
 
 
+def _cache(args: argparse.Namespace) -> None:
+    from .engines.cache import CACHE_KINDS, cache_root, cache_usage, clear_cache
+
+    root = cache_root()
+    if args.clear:
+        kinds = list(CACHE_KINDS) if args.clear == "all" else [k.strip() for k in args.clear.split(",") if k.strip()]
+        unknown = [k for k in kinds if k not in CACHE_KINDS]
+        if unknown or not kinds:
+            raise SdrtError(f"--clear {args.clear!r}: accepted values are {', '.join(CACHE_KINDS)} (comma-separated) or all")
+        print(f"deleted {clear_cache(root, kinds)} entries ({', '.join(kinds)}) from {root}")
+        return
+    usage = cache_usage(root)
+    print(f"cache:       {root} (set SDRT_CACHE_DIR to move it)")
+    for kind, u in usage.items():
+        shared = f", {u['bytes_shared'] / 2**20:.0f} MiB of it also in engine folders" if u["bytes_shared"] else ""
+        print(f"  {kind:<10} {u['entries']:>4} entries, {u['bytes'] / 2**20:10.1f} MiB{shared}")
+    print("delete with `sdrt cache --clear KIND[,KIND]` or `--clear all`: engine folders keep working")
+
+
 def _info(args: argparse.Namespace) -> None:
     from .manifest import load_manifest, model_hash
 
@@ -233,6 +252,10 @@ def _parser() -> argparse.ArgumentParser:
                          "(eager bfloat16, a further row), comma-separated; or none")
     bn.add_argument("--build-arg", action="append", default=[], help="extra argument for `sdrt build` (repeatable), e.g. --build-arg=--reference-size=256x256")
     bn.set_defaults(func=_bench)
+
+    c = sub.add_parser("cache", help="show or clear the build cache and OpenVINO's model cache")
+    c.add_argument("--clear", metavar="KINDS", help="exports, engines, accuracy, openvino, models (comma-separated) or all")
+    c.set_defaults(func=_cache)
 
     i = sub.add_parser("info", help="describe an engine folder")
     i.add_argument("engines")

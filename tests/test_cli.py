@@ -24,8 +24,10 @@ def no_torch_path(tmp_path_factory) -> Path:
     return root
 
 
-def sdrt(*args, blocked: Path | None = None, cwd: Path | None = None):
+def sdrt(*args, blocked: Path | None = None, cwd: Path | None = None, cache_dir: Path | None = None):
     env = dict(os.environ)
+    if cache_dir:
+        env["SDRT_CACHE_DIR"] = str(cache_dir)
     if blocked:
         env["PYTHONPATH"] = os.pathsep.join([str(blocked), env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
@@ -151,3 +153,23 @@ def test_build_errors(tiny_models, tiny_engines, tmp_path):
     (user / "precious.txt").write_text("keep")
     assert_clean_error(sdrt("build", tiny_models["sd1"], "--out", user, "--overwrite"), "not an sdrt engine folder")
     assert (user / "precious.txt").read_text() == "keep"
+
+
+def test_cache_shows_and_clears_what_builds_and_loads_left(tiny_models, tmp_path):
+    pytest.importorskip("openvino")
+    cache, engines = tmp_path / "cache", tmp_path / "engines"
+    assert sdrt("build", tiny_models["sd1"], "--out", engines, "--backend", "openvino", "--accuracy-prompts", "0", cache_dir=cache).returncode == 0
+    first = sdrt("generate", engines, "--prompt", "a red circle", "--output", tmp_path / "a.png", "--steps", "3", cache_dir=cache)
+    assert first.returncode == 0, first.stderr
+    shown = sdrt("cache", cache_dir=cache)
+    assert shown.returncode == 0 and str(cache) in shown.stdout
+    counts = {line.split()[0]: int(line.split()[1]) for line in shown.stdout.splitlines()[1:-1]}
+    assert counts["exports"] == 4 and counts["engines"] == 4 and counts["openvino"] >= 3 and counts["models"] == 0  # a blob per loaded component
+    cleared = sdrt("cache", "--clear", "openvino,engines", cache_dir=cache)
+    assert cleared.returncode == 0 and f"deleted {counts['openvino'] + 4} entries" in cleared.stdout
+    assert not any((cache / "openvino").iterdir()) and not list(cache.glob("engine-*")) and len(list(cache.glob("export-*"))) == 4
+    again = sdrt("generate", engines, "--prompt", "a red circle", "--output", tmp_path / "b.png", "--steps", "3", cache_dir=cache)
+    assert again.returncode == 0, again.stderr  # the engine folder does not depend on the cache
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    assert sdrt("cache", "--clear", "all", cache_dir=cache).returncode == 0 and not list(cache.glob("export-*"))
+    assert_clean_error(sdrt("cache", "--clear", "blobs", cache_dir=cache), "--clear 'blobs'", "accepted values are exports, engines")
