@@ -85,6 +85,11 @@ class Engine(Protocol):
         """Whether `build` of this component wants recorded real inputs."""
 
     @classmethod
+    def compute_type(cls, precision: str, device: str) -> str:
+        """What the engines' float arithmetic runs in on `device` (e.g. "f32", "bf16"): part of what an
+        accuracy report depends on, recorded in the manifest."""
+
+    @classmethod
     def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig, static_sizes: dict[str, int] | None = None,
               calibration: list[dict[str, np.ndarray]] | None = None) -> list[Path]:
         """Turn an exported graph into this backend's artifacts beside it; returns their paths.

@@ -108,6 +108,10 @@ class OnnxRuntimeEngine:
         return [p for p in (target, target.parent / data_name) if p.exists()]
 
     @classmethod
+    def compute_type(cls, precision: str, device: str) -> str:
+        return "f32"  # int8 builds: int8 where quantized, f32 elsewhere
+
+    @classmethod
     def load_graph(cls, path: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OnnxRuntimeEngine":
         """A session on any ONNX file (the build's fp32 reference uses the portable graphs)."""
         options = _session_options(cfg.threads)

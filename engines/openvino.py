@@ -93,6 +93,11 @@ class OpenVinoEngine:
         _inference_precision(cfg.precision, _device(cfg.device, core), core)
 
     @classmethod
+    def compute_type(cls, precision: str, device: str) -> str:
+        core = ov.Core()
+        return _inference_precision(precision, _device(device, core), core)
+
+    @classmethod
     def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
         return cfg.precision == "int8" and component == "unet"
 

@@ -170,8 +170,9 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
 
         accuracy = {"reference": True} if (cfg.backend, cfg.precision) == ("onnxruntime", "fp32") else None
         eval_prompts = list(prompt_sets.get("evaluation", prompts.EVALUATION))[: cfg.accuracy_prompts]
+        compute = engine.compute_type(cfg.precision, cfg.device)
         accuracy_key = cache_key("accuracy", engines=keys, prompts=eval_prompts, steps=cfg.accuracy_steps, size=reference_size,
-                                 batch=cfg.batch, device=cfg.device)
+                                 batch=cfg.batch, device=cfg.device, compute=compute)
         with tempfile.TemporaryDirectory() as tmp:
             cached = cache.fetch(accuracy_key, Path(tmp)) if accuracy is None and cfg.accuracy_prompts else None
             if cached:
@@ -199,7 +200,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             "model": {"source": str(model_dir.resolve()), **info.to_json()},
             "scheduler_config": scheduler_config,
             "defaults": defaults,
-            "backend": {"name": cfg.backend, "version": engine.version(), "device": cfg.device},
+            "backend": {"name": cfg.backend, "version": engine.version(), "device": cfg.device, "compute": compute},
             "precision": cfg.precision,
             "build_options": cfg.cache_fields(),
             "static_shape": {"height": cfg.static_shape[0], "width": cfg.static_shape[1], "batch": cfg.batch} if cfg.static_shape else None,

@@ -144,7 +144,8 @@ def _info(args: argparse.Namespace) -> None:
           f"default {model['default_width']}x{model['default_height']}, text {model['text_max_length']} tokens x {model['text_hidden_size']}")
     print(f"scheduler:   {manifest['scheduler_config'].get('_class_name', '?')} "
           f"({manifest['scheduler_config'].get('timestep_spacing', '?')} spacing)")
-    print(f"backend:     {backend['name']} {backend['version']} on {backend['device']}, precision {manifest['precision']}")
+    compute = f", float arithmetic in {backend['compute']}" if backend.get("compute") else ""
+    print(f"backend:     {backend['name']} {backend['version']} on {backend['device']}, precision {manifest['precision']}{compute}")
     if manifest.get("static_shape"):
         s = manifest["static_shape"]
         print(f"static:      {s['height']}x{s['width']}, {s['batch']} image(s) per prompt")

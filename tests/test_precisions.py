@@ -49,6 +49,8 @@ def test_openvino_fp32_matches_onnxruntime_fp32(kind, scheduler, built, tiny_eng
     assert reference[0].std() > 2
     # fp32 means fp32: OpenVINO's CPU default on bf16-capable CPUs (bf16) read 46-51 dB here
     assert psnr(ours[0], reference[0]) >= 70
+    manifest = json.loads((built[kind, "openvino", "fp32"] / "manifest.json").read_text())
+    assert manifest["backend"]["compute"] == "f32" and manifest["accuracy"]["min_image_psnr_db"] >= 70
 
 
 @pytest.mark.parametrize("key", [("sd1", "openvino", "int8"), ("sd1", "onnxruntime", "int8"), ("sd1", "openvino", "int8-weights"),
@@ -70,6 +72,7 @@ def test_reduced_precision_builds_run_and_record_their_accuracy(key, built):
 @needs_bf16
 def test_bf16_computes_in_bf16(built):
     """Same fp32 weights as the fp32 engine, bf16 arithmetic: close to fp32's image, not equal to it."""
+    assert json.loads((built["sd1", "openvino", "bf16"] / "manifest.json").read_text())["backend"]["compute"] == "bf16"
     bf16 = generate(built["sd1", "openvino", "bf16"], steps=8)[0]
     fp32 = generate(built["sd1", "openvino", "fp32"], steps=8)[0]
     assert 25 <= psnr(bf16, fp32) < 70
