@@ -1,5 +1,8 @@
 """Whole txt2img pipelines against diffusers' StableDiffusionPipeline: same model, seed, scheduler."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -52,3 +55,31 @@ def test_image_matches_diffusers(kind, scheduler, steps, guidance, num_images, s
         assert ours.shape == theirs.shape
         assert theirs.std() > 2, "reference image is flat: the comparison would prove nothing"
         assert psnr(ours, theirs) >= MIN_PSNR, psnr(ours, theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler", ["dpmpp_2m", "euler_a", "ddim"])
+def test_zero_terminal_snr_model_matches_diffusers(scheduler, tiny_models, tmp_path_factory):
+    """An SD2-style v-prediction model whose scheduler config asks for zero terminal SNR and trailing spacing."""
+    from sdrt.engines.base import BuildConfig
+    from sdrt.exporters.build import build_engines
+
+    root = tmp_path_factory.mktemp("zero-snr")
+    model = root / "model"
+    shutil.copytree(tiny_models["sd2"], model)
+    config_file = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}))
+    engines = root / "engines"
+    build_engines(model, engines, BuildConfig(accuracy_prompts=0))
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[scheduler]).from_config(ref.scheduler.config)
+    assert ref.scheduler.config.rescale_betas_zero_snr
+    expected = ref("a lighthouse at dusk", num_inference_steps=12, guidance_scale=7.5, generator=torch.Generator().manual_seed(5),
+                   output_type="np").images[0]
+    expected = (expected * 255).round().astype(np.uint8)
+    pipe = StableDiffusion.from_engine_folder(engines)
+    got = pipe.generate(GenerateRequest(prompt="a lighthouse at dusk", steps=12, guidance=7.5, seed=5, scheduler=scheduler), progress=False)[0]
+    pipe.close()
+    assert expected.std() > 2
+    assert psnr(got, expected) >= MIN_PSNR, psnr(got, expected)
