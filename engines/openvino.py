@@ -89,8 +89,7 @@ class OpenVinoEngine:
                 raise SdrtError(f"--precision {cfg.precision} with openvino needs NNCF: pip install nncf") from None
         if cfg.int8_method != "static":
             raise SdrtError("--int8-method dynamic applies to --backend onnxruntime; openvino int8 is calibrated (static)")
-        core = ov.Core()
-        _inference_precision(cfg.precision, _device(cfg.device, core), core)
+        cls.compute_type(cfg.precision, cfg.device)
 
     @classmethod
     def compute_type(cls, precision: str, device: str) -> str:
@@ -112,7 +111,7 @@ class OpenVinoEngine:
             model = cls._compress_weights(model, cfg)
         elif cfg.precision == "int8":
             model = cls._quantize_hybrid(model, spec, cfg, calibration or [])
-        elif cfg.precision == "fp16" and "FP16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") and cfg.device == "cpu":
+        elif cfg.precision == "fp16" and cfg.device == "cpu" and cls.compute_type("fp16", "cpu") == "f32":
             log.warning("fp16 on this CPU (%s) is storage only: weights are kept in fp16 and computed in fp32",
                         cpu_description()["model"])
         xml = onnx_path.parent / XML

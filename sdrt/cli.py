@@ -23,6 +23,14 @@ def _size(option: str, value: str | None) -> tuple[int, int] | None:
     return height, width
 
 
+def _names(option: str, value: str) -> tuple[str, ...]:
+    """A comma-separated option value as a tuple of names."""
+    items = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not items:
+        raise SdrtError(f"{option} is empty: give a comma-separated list")
+    return items
+
+
 def _build(args: argparse.Namespace) -> None:
     from .engines.base import BuildConfig
     from .engines.cache import BuildCache
@@ -95,15 +103,9 @@ def _bench(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise SdrtError(f"`sdrt bench` needs the export extra: {exc.name} is not installed") from None
 
-    def names(option: str, value: str) -> tuple[str, ...]:
-        items = tuple(v.strip() for v in value.split(",") if v.strip())
-        if not items:
-            raise SdrtError(f"{option} is empty: give a comma-separated list")
-        return items
-
-    cfg = BenchConfig(model=args.model, out=Path(args.out), backends=names("--backends", args.backends),
-                      precisions=names("--precisions", args.precisions), shapes=names("--shapes", args.shapes), height=args.height, width=args.width, steps=args.steps,
-                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=args.threads, baselines=() if args.baseline == "none" else names("--baseline", args.baseline),
+    cfg = BenchConfig(model=args.model, out=Path(args.out), backends=_names("--backends", args.backends),
+                      precisions=_names("--precisions", args.precisions), shapes=_names("--shapes", args.shapes), height=args.height, width=args.width, steps=args.steps,
+                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=args.threads, baselines=() if args.baseline == "none" else _names("--baseline", args.baseline),
                       build_args=tuple(args.build_arg))
     results = run(cfg)
     from .benchmarks.report import markdown
@@ -116,9 +118,8 @@ def _cache(args: argparse.Namespace) -> None:
 
     root = cache_root()
     if args.clear:
-        kinds = list(CACHE_KINDS) if args.clear == "all" else [k.strip() for k in args.clear.split(",") if k.strip()]
-        unknown = [k for k in kinds if k not in CACHE_KINDS]
-        if unknown or not kinds:
+        kinds = list(CACHE_KINDS) if args.clear == "all" else list(_names("--clear", args.clear))
+        if set(kinds) - set(CACHE_KINDS):
             raise SdrtError(f"--clear {args.clear!r}: accepted values are {', '.join(CACHE_KINDS)} (comma-separated) or all")
         print(f"deleted {clear_cache(root, kinds)} entries ({', '.join(kinds)}) from {root}")
         return
