@@ -157,7 +157,7 @@ def run(cfg: BenchConfig) -> dict:
         row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}
         rows.append(row)
         done += 1
-    baseline = rows[0] if "diffusers" in cfg.baselines else None
+    baseline = next((r for r in rows if (r["backend"], r["precision"]) == ("diffusers", BASELINES["diffusers"])), None)
     for row in rows:
         row["unet_gflops"] = unet_gflop / row["unet_step_s"]
         row["roofline_fraction"] = row["unet_gflops"] / gemm

@@ -18,7 +18,7 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--height", "16", "--width", "16",
                              "--steps", "3", "--backends", "onnxruntime,openvino", "--precisions", "fp32,fp16", "--shapes", "dynamic,static", "--out", out,
-                             "--threads", "1", "--baseline", "diffusers,diffusers-bf16"], capture_output=True, text=True, timeout=900)
+                             "--threads", "1", "--baseline", "diffusers-bf16,diffusers"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
     assert "timing the diffusers baseline" in result.stderr and "[20/20]" in result.stderr  # progress lines
     results = json.loads((out / "results.json").read_text())
