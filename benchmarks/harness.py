@@ -4,7 +4,9 @@ Each configuration is built with `sdrt build` (timed, in its own process) and me
 process (benchmarks/measure.py), so that peak memory belongs to one configuration. The machine's
 fp32 GEMM rate and the U-Net's FLOPs are measured in the same run; rows report achieved GFLOP/s,
 the fraction of that roofline, and speed and memory ratios against the baseline row.
-Writes results.json, report.md and report.png into --out.
+Writes results.json, report.md and report.png into --out, and each child process's stderr into
+--out/logs/; a build or worker that dies is reported with its exit status or signal, peak memory
+and last error line.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import dataclasses
 import json
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -81,12 +86,48 @@ def resolve_model(name_or_path: str) -> Path:
     return folder
 
 
-def _worker(args: dict) -> dict:
-    result = subprocess.run([sys.executable, "-m", "sdrt.benchmarks.measure", json.dumps(args, default=str)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SdrtError(f"benchmark worker {args['kind']} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    """A child process's end: its exit status (negative: the signal that killed it), peak memory, log."""
+
+    returncode: int
+    peak_rss_mb: float
+    stdout: str
+    log: Path
+
+    def reason(self) -> str:
+        """How it failed, in one line: the exit status or signal, peak memory, and its last error line."""
+        if self.returncode < 0:
+            name = signal.Signals(-self.returncode).name
+            how = f"killed by {name}" + (" (the out-of-memory killer sends it when memory runs out)" if name == "SIGKILL" else "")
+        else:
+            how = f"exit status {self.returncode}"
+        lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if ERROR_LINE.match(line)]
+        last = f": {errors[-1]}" if errors else ""
+        return f"{how}, peak RSS {self.peak_rss_mb:.0f} MB{last} (log: {self.log})"
+
+
+# lines that state an error, as opposed to warnings and progress that a dying process also prints
+ERROR_LINE = re.compile(r"^(sdrt: (internal )?error: |[\w.]*(Error|Exception)\b|Killed\b|MemoryError)")
+
+
+def run_logged(command: list[str], log: Path) -> Finished:
+    """Run `command` with its stderr in `log`; -> how it ended, with that child's own peak RSS."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as err, tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(command, stdout=out, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        return Finished(proc.returncode, usage.ru_maxrss / 1024, out.read(), log)
+
+
+def _worker(args: dict, log: Path) -> dict:
+    finished = run_logged([sys.executable, "-m", "sdrt.benchmarks.measure", json.dumps(args, default=str)], log)
+    if finished.returncode != 0:
+        raise SdrtError(f"benchmark worker {args['kind']} failed: {finished.reason()}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
 
 
 def _versions() -> dict:
@@ -120,38 +161,40 @@ def run(cfg: BenchConfig) -> dict:
     common = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "scheduler": cfg.scheduler, "repeat": cfg.repeat,
               "warmup": cfg.warmup, "threads": cfg.threads}
     _status(done, total, "measuring fp32 GEMM rate", started)
-    gemm = _worker({"kind": "gemm", "threads": cfg.threads})["gemm_gflops"]
+    logs = cfg.out / "logs"
+    gemm = _worker({"kind": "gemm", "threads": cfg.threads}, logs / "gemm.log")["gemm_gflops"]
     done += 1
     _status(done, total, "counting U-Net FLOPs", started)
-    unet_gflop = _worker({"kind": "flops", "model": model, "height": cfg.height, "width": cfg.width})["unet_gflop"]
+    unet_gflop = _worker({"kind": "flops", "model": model, "height": cfg.height, "width": cfg.width}, logs / "flops.log")["unet_gflop"]
     done += 1
     rows, skipped = [], []
     for baseline in cfg.baselines:
         dtype = BASELINES[baseline]
         _status(done, total, f"timing the {baseline} baseline (PyTorch eager {dtype})", started)
         rows.append({"backend": "diffusers", "precision": dtype, "shape": "dynamic", "build_s": None, "engine_mb": None,
-                     **_worker({"kind": "diffusers", "model": model, "dtype": dtype, **common})})
+                     **_worker({"kind": "diffusers", "model": model, "dtype": dtype, **common}, logs / f"{baseline}.log")})
         done += 1
     for backend, precision, shape in configs:
         name = config_name(backend, precision, shape)
-        engines = cfg.out / "engines" / name.replace(" ", "-")
+        slug = name.replace(" ", "-")
+        engines = cfg.out / "engines" / slug
         static = ["--static-shape", f"{cfg.height}x{cfg.width}"] if shape == "static" else []
         _status(done, total, f"building {name}", started)
         build_started = time.perf_counter()
-        build = subprocess.run([sys.executable, "-m", "sdrt.cli", "build", str(model), "--out", str(engines), "--overwrite",
-                                "--backend", backend, "--precision", precision, "--threads", str(cfg.threads), *static, *cfg.build_args],
-                               capture_output=True, text=True)
+        build = run_logged([sys.executable, "-m", "sdrt.cli", "build", str(model), "--out", str(engines), "--overwrite",
+                            "--backend", backend, "--precision", precision, "--threads", str(cfg.threads), *static, *cfg.build_args],
+                           logs / f"build-{slug}.log")
         build_s = time.perf_counter() - build_started
         done += 1
         if build.returncode != 0:
-            reason = build.stderr.strip().splitlines()[-1] if build.stderr.strip() else f"exit {build.returncode}"
-            skipped.append({"backend": backend, "precision": precision, "shape": shape, "reason": reason})
+            skipped.append({"backend": backend, "precision": precision, "shape": shape, "reason": build.reason(),
+                            "exit_status": build.returncode, "peak_rss_mb": build.peak_rss_mb, "log": str(build.log)})
             done += 1
             continue
         _status(done, total, f"timing {name}", started)
         manifest = json.loads((engines / "manifest.json").read_text())
         row = {"backend": backend, "precision": precision, "shape": shape, "build_s": build_s, "engine_mb": _folder_mb(engines),
-               **_worker({"kind": "sdrt", "engines": engines, **common})}
+               **_worker({"kind": "sdrt", "engines": engines, **common}, logs / f"time-{slug}.log")}
         accuracy = manifest.get("accuracy") or {}
         row["image_psnr_vs_fp32_db"] = None if accuracy.get("reference") else accuracy.get("min_image_psnr_db")
         row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}

@@ -6,7 +6,8 @@ saved beside the portable ONNX file, so that loading skips optimisation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import mmap
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,43 @@ def _providers(device: str) -> list[str]:
             f"(available: {', '.join(ort.get_available_providers())}); install onnxruntime-gpu for cuda/tensorrt"
         )
     return DEVICES[device]
+
+
+def _tensors(graph) -> Iterator:
+    """Every tensor a graph holds: initializers, sparse initializers, node attributes, subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attr in node.attribute:
+            yield from ([attr.t] if attr.HasField("t") else [])
+            yield from attr.tensors
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def external_data_locations(graph_path: Path) -> list[str]:
+    """The external-data file names a graph's tensors point to, refused unless each is a plain name
+    inside the graph's folder (ONNX Runtime would read them beside the graph)."""
+    import onnx
+
+    if not graph_path.is_file() or graph_path.stat().st_size == 0:
+        return []  # the hash check that follows reports it
+    with graph_path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as raw:
+        if raw.find(b"location") < 0:  # every external-data entry holds this key verbatim: none here, nothing to parse
+            return []
+    try:
+        model = onnx.load(str(graph_path), load_external_data=False)
+    except Exception as exc:  # onnx raises protobuf's DecodeError and others
+        raise SdrtError(f"{graph_path} is not a readable ONNX graph ({exc}); rebuild the engines with `sdrt build`") from None
+    locations = set()
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            locations.update(e.value for e in tensor.external_data if e.key == "location")
+    for name in locations:
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name:
+            raise SdrtError(f"{graph_path} reads external data from {name!r}, outside its folder; rebuild the engines with `sdrt build`")
+    return sorted(locations)
 
 
 def optimized_name(device: str) -> str:
@@ -126,9 +164,9 @@ class OnnxRuntimeEngine:
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:
+        """The graph and every external-data file its tensors name, whatever the names."""
         artifact = cls._artifact(component_dir, cfg.device)
-        data = artifact.with_name(artifact.name + ".data")
-        return [artifact, data] if data.exists() else [artifact]
+        return [artifact, *(component_dir / name for name in external_data_locations(artifact))]
 
     @classmethod
     def load(cls, component_dir: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OnnxRuntimeEngine":

@@ -17,6 +17,7 @@ native bf16 is bf16, so sdrt sets INFERENCE_PRECISION_HINT at load (the IR does 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import openvino as ov
 from sdrt.components import ComponentSpec
 from sdrt.cpu import cpu_description
 from sdrt.errors import SdrtError
+from sdrt.files import locked
 
 from .base import BuildConfig, LoadConfig, check_feeds
 from .cache import cache_root
@@ -66,6 +68,24 @@ def _weighted_matmuls(model: ov.Model) -> list[str]:
 
     return [op.get_friendly_name() for op in model.get_ops()
             if op.get_type_name() == "MatMul" and any(constant(op.input_value(i)) for i in range(2))]
+
+
+def _first_line(exc: Exception) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
+def _model_cache() -> Path | None:
+    """OpenVINO's compiled-model cache folder, or None (with a warning) where it cannot be written."""
+    folder = cache_root() / "openvino"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        log.warning("openvino's model cache %s cannot be written (%s); compiling without it, so every load compiles "
+                    "(set SDRT_CACHE_DIR to a writable folder)", folder, exc.strerror or exc)
+        return None
+    return folder
 
 
 class OpenVinoEngine:
@@ -148,15 +168,24 @@ class OpenVinoEngine:
     @classmethod
     def load(cls, component_dir: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OpenVinoEngine":
         core = ov.Core()
-        core.set_property({"CACHE_DIR": str(cache_root() / "openvino")})
         device = _device(cfg.device, core)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _inference_precision(cfg.precision, device, core)}
         if cfg.threads:
             config["INFERENCE_NUM_THREADS"] = cfg.threads
+        xml = str(component_dir / XML)
+        cache = _model_cache()
+        if cache is not None:
+            try:
+                with locked(cache):  # processes take turns: one writes a blob, the others then read it
+                    core.set_property({"CACHE_DIR": str(cache)})
+                    return cls(core.compile_model(xml, device, config).create_infer_request(), spec)
+            except RuntimeError as exc:
+                log.warning("openvino could not use its model cache %s (%s); compiling without it", cache, _first_line(exc))
+                core = ov.Core()
         try:
-            compiled = core.compile_model(str(component_dir / XML), device, config)
+            compiled = core.compile_model(xml, device, config)
         except RuntimeError as exc:
-            raise SdrtError(f"openvino could not load {component_dir / XML}: {exc}; rebuild the engines with `sdrt build`") from None
+            raise SdrtError(f"openvino could not load {xml}: {_first_line(exc)}; rebuild the engines with `sdrt build`") from None
         return cls(compiled.create_infer_request(), spec)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

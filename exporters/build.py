@@ -4,14 +4,17 @@ Steps: export every component (cached by the model's content) -> fp32 reference 
 exported graphs -> per component, the backend's artifacts (cached by ONNX bytes, spec, options and
 backend version; int8 U-Nets calibrated on U-Net inputs recorded from reference runs) -> the
 accuracy check against the reference (image PSNR, per-component errors), which fails the build
-under --min-psnr -> manifest. The folder is assembled under a temporary name beside `out` and
-renamed into place only when everything succeeded.
+under --min-psnr -> manifest. The folder is assembled under a temporary name beside `out` (locked
+while the build lives, so that a later build can delete what a killed one left) and renamed into
+place only when everything succeeded; what is at `out` by then is replaced only with --overwrite and
+only if it is an sdrt engine folder.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -22,10 +25,12 @@ from sdrt.cpu import cpu_description
 from sdrt.engines.base import BuildConfig, LoadConfig, engine_class, static_spec
 from sdrt.engines.cache import BuildCache, cache_key
 from sdrt.errors import SdrtError
+from sdrt.files import hold, locked, remove_leftovers
 from sdrt.image_io import usual_mode
 from sdrt.manifest import MANIFEST, file_sha256, hash_files, write_manifest
 from sdrt.model_info import ModelInfo, read_json, read_model_info, scheduler_config_path
 from sdrt.pipeline import TXT2IMG_COMPONENTS, StableDiffusion
+from sdrt.schedulers import DIFFUSERS_CLASS_NAMES, default_scheduler_name, make_scheduler
 from sdrt.tokenizer import TOKENIZER_FILES, CLIPTokenizer
 
 from . import prompts
@@ -37,14 +42,27 @@ MODEL_EXTRAS = "sdrt.json"  # optional, in a model folder: recommended defaults 
 
 
 def _scheduler_config(model_dir: Path) -> dict:
-    """The model's full scheduler config, defaults of its class filled in by diffusers itself."""
+    """The model's full scheduler config, defaults of its class filled in by diffusers itself, checked
+    by sdrt's own scheduler so that a bad value fails the build rather than a later generate."""
     import diffusers
 
-    raw = read_json(scheduler_config_path(model_dir))
-    cls = getattr(diffusers, raw.get("_class_name", ""), None)
-    if cls is None:
-        return raw
-    return {"_class_name": raw["_class_name"], **{k: v for k, v in dict(cls.from_config(raw).config).items() if not k.startswith("_")}}
+    path = scheduler_config_path(model_dir)
+    config = read_json(path)
+    cls = getattr(diffusers, str(config.get("_class_name", "")), None)
+    if cls is not None:
+        if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+            raise SdrtError(f"{path}: _class_name {config['_class_name']!r} is not a scheduler class; "
+                            f"accepted values are diffusers scheduler classes, e.g. {', '.join(DIFFUSERS_CLASS_NAMES)}")
+        try:
+            filled = dict(cls.from_config(config).config)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise SdrtError(f"{path}: diffusers' {config['_class_name']} refuses this config: {exc}") from None
+        config = {"_class_name": config["_class_name"], **{k: v for k, v in filled.items() if not k.startswith("_")}}
+    try:
+        make_scheduler(default_scheduler_name(config), config).set_timesteps(2)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise SdrtError(f"{path}: a value has the wrong type or range ({exc})") from None
+    return config
 
 
 def _usual_permissions(root: Path) -> None:
@@ -58,8 +76,9 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file())
 
 
-def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], staging: Path, cache: BuildCache) -> tuple[dict, bool]:
-    """ONNX graphs into staging/<component>/; -> ({component: max abs error vs torch}, cache hit)."""
+def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], staging: Path,
+            cache: BuildCache) -> tuple[dict, bool, dict[Path, str]]:
+    """ONNX graphs into staging/<component>/; -> ({component: max abs error vs torch}, cache hit, {file: sha256})."""
     import torch
 
     from . import onnx_export
@@ -67,11 +86,13 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
     sources = [p for sub in ("text_encoder", "unet", "vae") for p in sorted((model_dir / sub).rglob("*")) if p.is_file()]
     key = cache_key("export", files={p.relative_to(model_dir).as_posix(): file_sha256(p) for p in sources},
                     torch=torch.__version__, opset=onnx_export.OPSET, specs={k: v.to_json() for k, v in specs.items()})
-    errors, hit = {}, True
+    errors, hit, hashes = {}, True, {}
     for name in specs:
-        if cache.fetch(f"{key}-{name}", staging / name) is None:
+        placed = cache.fetch(f"{key}-{name}", staging / name)
+        if placed is None:
             hit = False
             break
+        hashes.update(placed)
     if not hit:
         modules = onnx_export.load_modules(model_dir)
         for name, module in modules.items():
@@ -82,12 +103,12 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
             if error > EXPORT_TOLERANCE:
                 raise SdrtError(f"exported {name} differs from torch by {error:.3g} (tolerance {EXPORT_TOLERANCE}); not building")
             (staging / name / "export.json").write_text(json.dumps({"max_abs_error": error}))
-            cache.store(f"{key}-{name}", _files(staging / name))
+            hashes.update(cache.store(f"{key}-{name}", _files(staging / name)))
     for name in specs:
         record = staging / name / "export.json"
         errors[name] = json.loads(record.read_text())["max_abs_error"]
         record.unlink()
-    return errors, hit
+    return errors, hit, {p: h for p, h in hashes.items() if p.exists()}
 
 
 def _reference(model_dir: Path, info: ModelInfo, scheduler_config: dict, specs: dict[str, ComponentSpec], staging: Path,
@@ -110,12 +131,83 @@ def _static_sizes(cfg: BuildConfig, info: ModelInfo, component: str) -> dict[str
             "height": height, "width": width}
 
 
-def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool = False, cache: BuildCache | None = None) -> dict:
-    if out.exists() and not overwrite:
+def _check_replaceable(out: Path, overwrite: bool) -> None:
+    """What already is at `out` may be replaced only with --overwrite, and only if it is an sdrt engine folder."""
+    if not os.path.lexists(out):
+        return
+    if not overwrite:
         raise SdrtError(f"--out {out} already exists; pass --overwrite to replace it")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise SdrtError(f"--out {out} is a folder that is not an sdrt engine folder; refusing to replace it, pick another --out")
+    if out.is_symlink() or not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+        raise SdrtError(f"--out {out} is not an sdrt engine folder; refusing to replace it, pick another --out")
+
+
+def _recover_swap(out: Path) -> None:
+    """Finish what a build killed during its final swap left: `.OUT.previous` is the old folder."""
+    previous = out.with_name(f".{out.name}.previous")
+    if not os.path.lexists(previous):
+        return
+    if os.path.lexists(out):  # the new folder is in place; only the old one's deletion was cut off
+        log.warning("removing %s, the replaced engine folder an interrupted build left", previous)
+        shutil.rmtree(previous)
+    else:  # cut off between the two renames: put the old folder back
+        log.warning("restoring %s from %s, where an interrupted build left it", out, previous)
+        previous.rename(out)
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder to `out`. Builds into the same parent take turns here, and what is at
+    `out` now (it may have appeared during the build) is checked again before anything moves."""
+    with locked(out.parent):
+        _recover_swap(out)
+        _check_replaceable(out, overwrite)
+        if os.path.lexists(out):
+            previous = out.with_name(f".{out.name}.previous")
+            out.rename(previous)
+            staging.rename(out)
+            shutil.rmtree(previous)
+            return
+        try:
+            staging.rename(out)  # a folder with content that appeared since the check makes this fail, never vanish
+        except OSError:
+            raise SdrtError(f"--out {out} appeared while building and is not empty; nothing was replaced, pick another --out") from None
+
+
+def _inside_model(path: Path, model_dir: Path) -> bool:
+    """Whether `path` resolves inside the model folder (a Hugging Face cache snapshot's links into the
+    repository's blobs/ count as inside)."""
+    root = model_dir.resolve()
+    if root.parent.name == "snapshots":
+        root = root.parent.parent
+    return path.resolve().is_relative_to(root)
+
+
+def _check_tokenizer(model_dir: Path) -> None:
+    """The tokenizer files are copied into the engine folder, which is meant to be shared: they must be
+    the model's own files, and must load."""
+    for name in TOKENIZER_FILES:
+        path = model_dir / "tokenizer" / name
+        if os.path.lexists(path) and not _inside_model(path, model_dir):
+            raise SdrtError(f"{path} links to {path.resolve()}, outside the model folder; sdrt copies tokenizer files into the "
+                            "engine folder and refuses to copy files from elsewhere: replace the link with the file")
+    CLIPTokenizer(model_dir / "tokenizer")
+
+
+def _os_error(exc: OSError, out: Path) -> SdrtError:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return SdrtError(f"--out {out}: cannot write the engine folder: {exc.strerror or exc}{where}; nothing was written there")
+
+
+def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool = False, cache: BuildCache | None = None) -> dict:
+    try:
+        if out.parent.is_dir():
+            with locked(out.parent):
+                _recover_swap(out)
+                remove_leftovers(out.parent, f".{out.name}.building-")
+    except OSError as exc:
+        raise _os_error(exc, out) from None
+    _check_replaceable(out, overwrite)
     info = read_model_info(model_dir)
+    _check_tokenizer(model_dir)
     extras = read_json(model_dir / MODEL_EXTRAS) if (model_dir / MODEL_EXTRAS).is_file() else {}
     engine = engine_class(cfg.backend)
     engine.check(cfg)
@@ -127,15 +219,14 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
     reference_size = cfg.static_shape or cfg.reference_size or (defaults.get("height", info.default_height), defaults.get("width", info.default_width))
     specs = component_specs(info)
     scheduler_config = _scheduler_config(model_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    reference = None
+    staging, staging_lock, reference = None, None, None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+        staging_lock = hold(staging)  # the folder is this live build's until the process ends, however it ends
         started = time.perf_counter()
-        export_errors, export_hit = _export(model_dir, info, specs, staging, cache)
-        exported_files = {name: _files(staging / name) for name in specs}
-        exported = {p: file_sha256(p) for paths in exported_files.values() for p in paths}  # portable graphs: never rewritten
-        onnx_hashes = {name: [exported[p] for p in paths] for name, paths in exported_files.items()}
+        export_errors, export_hit, known = _export(model_dir, info, specs, staging, cache)  # portable graphs: never rewritten
+        onnx_hashes = {name: [known[p] for p in _files(staging / name)] for name in specs}
         prompt_sets = extras.get("prompts", {})
         calibration_prompts = list(prompt_sets.get("calibration", prompts.CALIBRATION))[: cfg.calibration_prompts]
         calibration = None
@@ -147,8 +238,8 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
                             spec=spec.to_json(), static=sizes, onnx=onnx_hashes if needs_calibration else onnx_hashes[name],
                             calibration_prompts=calibration_prompts if needs_calibration else None)
             keys[name] = key
-            artifacts = cache.fetch(key, staging / name)
-            hit = artifacts is not None
+            placed = cache.fetch(key, staging / name)
+            hit = placed is not None
             if not hit:
                 if needs_calibration and calibration is None:
                     reference = reference or _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
@@ -158,10 +249,11 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
 
                     calibration = record_unet_inputs(reference, calibration_prompts, cfg.calibration_steps, reference_size)
                 log.info("building %s engine (%s, %s, %s)", name, cfg.backend, cfg.precision, cfg.device)
-                artifacts = engine.build(staging / name / "model.onnx", spec, cfg, sizes, calibration if needs_calibration else None)
-                cache.store(key, artifacts)
+                built = engine.build(staging / name / "model.onnx", spec, cfg, sizes, calibration if needs_calibration else None)
+                placed = cache.store(key, built)
+            known.update(placed)
             components[name] = {"spec": (static_spec(spec, sizes) if sizes else spec).to_json(), "export_max_abs_error": export_errors[name],
-                                "artifacts": [p.relative_to(staging).as_posix() for p in artifacts], "cache": "hit" if hit else "miss"}
+                                "artifacts": [p.relative_to(staging).as_posix() for p in sorted(placed)], "cache": "hit" if hit else "miss"}
         tok_dir = staging / "tokenizer"
         tok_dir.mkdir()
         for name in TOKENIZER_FILES:
@@ -176,7 +268,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
         with tempfile.TemporaryDirectory() as tmp:
             cached = cache.fetch(accuracy_key, Path(tmp)) if accuracy is None and cfg.accuracy_prompts else None
             if cached:
-                accuracy = json.loads(cached[0].read_text())
+                accuracy = json.loads(next(iter(cached)).read_text())
         if accuracy is None and cfg.accuracy_prompts:
             from .accuracy import accuracy_report
 
@@ -209,19 +301,18 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             "export_cache": "hit" if export_hit else "miss",
             "components": components,
             "accuracy": accuracy,
-            "files": hash_files(staging, [p for p in staging.rglob("*") if p.is_file()], known=exported),
+            "files": hash_files(staging, [p for p in staging.rglob("*") if p.is_file()], known=known),
         }
         write_manifest(staging, manifest)
         _usual_permissions(staging)
-        previous = out.with_name(f".{out.name}.previous") if out.exists() else None
-        if previous:
-            out.rename(previous)
-        staging.rename(out)
-        if previous:
-            shutil.rmtree(previous)
+        _publish(staging, out, overwrite)
         return manifest
+    except OSError as exc:
+        raise _os_error(exc, out) from None
     finally:
         if reference:
             reference.close()
-        if staging.exists():
+        if staging_lock is not None:
+            os.close(staging_lock)
+        if staging and staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

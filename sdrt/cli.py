@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
 from . import __version__
+from .cpu import usable_threads
 from .errors import SdrtError
 from .noise import NOISE_KINDS
 
@@ -36,7 +38,7 @@ def _build(args: argparse.Namespace) -> None:
     from .engines.cache import BuildCache
 
     cfg = BuildConfig(
-        backend=args.backend, precision=args.precision, device=args.device, threads=args.threads,
+        backend=args.backend, precision=args.precision, device=args.device, threads=usable_threads("--threads", args.threads),
         static_shape=_size("--static-shape", args.static_shape), batch=args.batch, calibration_prompts=args.calibration_prompts,
         calibration_steps=args.calibration_steps, reference_size=_size("--reference-size", args.reference_size),
         int8_method=args.int8_method, smooth_quant_alpha=args.smooth_quant_alpha, int8_ignore=tuple(args.int8_ignore),
@@ -67,11 +69,11 @@ def _generate(args: argparse.Namespace) -> None:
     )
     paths = output_paths(Path(args.output), args.num_images)
     check_writable(paths, args.overwrite)
-    pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=args.threads)
+    pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads))
     try:
         images = pipe.generate(req, progress=not args.quiet)
         for index, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, pipe.metadata(req, index))
+            save_png(image, path, pipe.metadata(req, index), overwrite=args.overwrite)
             print(path)
     finally:
         pipe.close()
@@ -86,14 +88,15 @@ def _grid(args: argparse.Namespace) -> None:
         raise SdrtError("--seeds and --scale must be >= 1")
     output = Path(args.output)
     check_writable([output], args.overwrite)
-    pipe = StableDiffusion.from_engine_folder(Path(args.engines), threads=args.threads)
+    pipe = StableDiffusion.from_engine_folder(Path(args.engines), threads=usable_threads("--threads", args.threads))
     try:
         images = [pipe.generate(GenerateRequest(prompt=p, seed=s, steps=args.steps, guidance=args.guidance), progress=False)[0]
                   for p in args.prompt for s in range(args.seeds)]
     finally:
         pipe.close()
     grid = tile(images, columns=args.seeds).repeat(args.scale, axis=0).repeat(args.scale, axis=1)
-    save_png(grid, output, {"prompts": args.prompt, "seeds": list(range(args.seeds)), "rows": "prompts", "columns": "seeds"})
+    save_png(grid, output, {"prompts": args.prompt, "seeds": list(range(args.seeds)), "rows": "prompts", "columns": "seeds"},
+             overwrite=args.overwrite)
     print(output)
 
 
@@ -105,7 +108,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     cfg = BenchConfig(model=args.model, out=Path(args.out), backends=_names("--backends", args.backends),
                       precisions=_names("--precisions", args.precisions), shapes=_names("--shapes", args.shapes), height=args.height, width=args.width, steps=args.steps,
-                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=args.threads, baselines=() if args.baseline == "none" else _names("--baseline", args.baseline),
+                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=usable_threads("--threads", args.threads), baselines=() if args.baseline == "none" else _names("--baseline", args.baseline),
                       build_args=tuple(args.build_arg))
     results = run(cfg)
     from .benchmarks.report import markdown
@@ -132,7 +135,7 @@ def _cache(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from .manifest import load_manifest, model_hash
+    from .manifest import engine_file, load_manifest, model_hash
 
     manifest = load_manifest(Path(args.engines), verify=not args.no_verify)
     if args.json:
@@ -168,7 +171,7 @@ def _info(args: argparse.Namespace) -> None:
               f"{accuracy['steps']} steps, {accuracy['width']}x{accuracy['height']}")
     else:
         print("accuracy:    not checked (--accuracy-prompts 0)")
-    size = sum((Path(args.engines) / rel).stat().st_size for rel in manifest["files"])
+    size = sum(engine_file(Path(args.engines), rel).stat().st_size for rel in manifest["files"])
     print(f"files:       {len(manifest['files'])}, {size / 2**20:.1f} MiB, hashes {'not checked' if args.no_verify else 'verified'}")
 
 
@@ -267,8 +270,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (kill, a service manager) ends the run as Ctrl-C does: temporary files are removed."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdrt: %(message)s")
     try:
         args.func(args)

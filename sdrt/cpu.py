@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 from pathlib import Path
+
+from .errors import SdrtError
+
+log = logging.getLogger(__name__)
 
 FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
 
@@ -23,3 +28,14 @@ def cpu_description() -> dict:
     features = [f for f in FEATURES if f in flags]
     return {"model": model, "cores": os.cpu_count(), "features": features,
             "int8_dot_product": any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))}
+
+
+def usable_threads(option: str, threads: int) -> int:
+    """A thread count between 1 and the cores this process may use; 0 stays 0 (the backend's default: all)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if threads < 0:
+        raise SdrtError(f"{option} {threads} is not accepted: give 0 (all {cores} cores) or 1 .. {cores}")
+    if threads > cores:
+        log.warning("%s %d is more than the %d cores this machine gives sdrt; using %d", option, threads, cores, cores)
+        return cores
+    return threads

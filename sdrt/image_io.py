@@ -1,7 +1,9 @@
-"""PNG output: generation parameters in a text chunk, atomic writes, no silent overwrites."""
+"""PNG output: generation parameters in a text chunk, atomic writes, no silent overwrites, even between
+concurrent runs."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -13,6 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import SdrtError
+from .files import publish_file, remove_leftovers
 
 METADATA_KEY = "sdrt"
 
@@ -45,19 +48,29 @@ def usual_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
-def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any]) -> None:
-    """image: (H, W, 3) uint8. Written to a temporary file in the same folder, then renamed."""
+def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any], overwrite: bool = False) -> None:
+    """image: (H, W, 3) uint8. Written to a temporary file in the same folder (locked while this process
+    lives), then moved to `path` in one step that, without `overwrite`, fails if `path` exists by then."""
     info = PngInfo()
     info.add_itxt(METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
+    folder = path.parent if str(path.parent) else Path(".")
+    prefix, tmp, fd = f".{path.name}.", None, None
     try:
-        with os.fdopen(fd, "wb") as f:
+        remove_leftovers(folder, prefix, ".tmp")
+        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+        tmp = Path(name)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file is published or removed
+        with os.fdopen(fd, "wb", closefd=False) as f:
             Image.fromarray(image, mode="RGB").save(f, format="PNG", pnginfo=info)
         os.chmod(tmp, usual_mode(directory=False))  # mkstemp makes owner-only files; outputs get the usual mode
-        os.replace(tmp, path)
+        publish_file(tmp, path, overwrite)
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise SdrtError(f"could not write {path}: {exc.strerror or exc}") from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if fd is not None:
+            os.close(fd)
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

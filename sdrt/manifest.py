@@ -1,21 +1,26 @@
 """`manifest.json` of an engine folder: what was built, from what, and the hash of every file.
 
-`load_manifest` refuses a folder whose format version or file hashes do not match, so that
-`sdrt generate` never runs engines that were changed, truncated or built by another format.
+`load_manifest` refuses a folder whose format version, own content hash or file hashes do not
+match, so that `sdrt generate` never runs engines, or math settings (scaling factor, scheduler
+betas, prediction type, ...), that were changed, truncated or built by another format. Paths in
+`files` must name regular files inside the folder. The hashes make an engine folder
+tamper-evident, not authentic: whoever can rewrite every hash can make any folder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from . import __version__
 from .errors import SdrtError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: content_sha256 covers the manifest itself
 MANIFEST = "manifest.json"
+CONTENT_HASH = "content_sha256"
+REQUIRED = {"model": dict, "scheduler_config": dict, "backend": dict, "precision": str, "components": dict, "files": dict}
 
 
 def file_sha256(path: Path) -> str:
@@ -29,27 +34,42 @@ def hash_files(root: Path, paths: list[Path], known: dict[Path, str] | None = No
     return {p.relative_to(root).as_posix(): known.get(p) or file_sha256(p) for p in sorted(paths)}
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def model_hash(manifest: dict[str, Any]) -> str:
-    """Short identity of the built engines: a hash over all file hashes."""
-    digest = hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
-    return digest[:12]
+    """Short identity of what makes the image: the model facts, the scheduler config and every file hash."""
+    return _digest({k: manifest[k] for k in ("model", "scheduler_config", "files")})[:12]
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     manifest = {"format_version": FORMAT_VERSION, "sdrt_version": __version__, **manifest}
+    manifest[CONTENT_HASH] = _digest(manifest)
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def engine_file(root: Path, rel: str) -> Path:
+    """The file `rel` names, refused unless it is a plain relative path to a regular file inside `root`."""
+    parts = PurePosixPath(rel).parts
+    if not rel or "\\" in rel or PurePosixPath(rel).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise SdrtError(f"{root / MANIFEST} lists {rel!r}, which is not a path inside the engine folder; rebuild the engines with `sdrt build`")
+    file = root / rel
+    if file.is_symlink() or (file.exists() and not file.resolve().is_relative_to(root.resolve())):
+        raise SdrtError(f"engine file {file} is a link; engine folders hold regular files only: rebuild the engines with `sdrt build`")
+    if not file.is_file():
+        raise SdrtError(f"engine file {file} is missing; rebuild the engines with `sdrt build`")
+    return file
 
 
 def verify_files(root: Path, manifest: dict[str, Any], paths: list[Path] | None = None) -> None:
     """Check the hashes of `paths` (default: every file the manifest lists)."""
-    files = manifest.get("files", {})
+    files = manifest["files"]
     names = list(files) if paths is None else [p.relative_to(root).as_posix() for p in paths]
     for rel in names:
-        file = root / rel
         if rel not in files:
-            raise SdrtError(f"engine file {file} is not listed in {MANIFEST}; rebuild the engines with `sdrt build`")
-        if not file.is_file():
-            raise SdrtError(f"engine file {file} is missing; rebuild the engines with `sdrt build`")
+            raise SdrtError(f"engine file {root / rel} is not listed in {MANIFEST}; rebuild the engines with `sdrt build`")
+        file = engine_file(root, rel)
         if file_sha256(file) != files[rel]:
             raise SdrtError(f"engine file {file} does not match its hash in {MANIFEST}; rebuild the engines with `sdrt build`")
 
@@ -68,6 +88,13 @@ def load_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if version != FORMAT_VERSION:
         raise SdrtError(f"{path} has format version {version!r}, this sdrt reads version {FORMAT_VERSION}; rebuild the engines with `sdrt build`")
+    content = {k: v for k, v in manifest.items() if k != CONTENT_HASH}
+    if manifest.get(CONTENT_HASH) != _digest(content):
+        raise SdrtError(f"{path} was changed after it was built (its {CONTENT_HASH} does not match its content); "
+                        "rebuild the engines with `sdrt build`")
+    for key, kind in REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            raise SdrtError(f"{path} lacks {key!r} or holds the wrong type there; rebuild the engines with `sdrt build`")
     if verify:
         verify_files(root, manifest)
     return manifest

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SdrtError
+from .schedulers.config import CommonConfig
 
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
@@ -46,52 +47,88 @@ def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SdrtError(f"{path} is missing: a diffusers model folder needs {', '.join(COMPONENT_FOLDERS)} with their configs")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SdrtError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SdrtError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+_REQUIRED = object()
+
+
+def _int(config: dict, path: Path, key: str, low: int, high: int, default: Any = _REQUIRED) -> int:
+    """config[key] as an int in [low, high]; an error naming the file, key and accepted range otherwise."""
+    if key not in config and default is not _REQUIRED:
+        return default
+    value = config.get(key)
+    if key not in config:
+        raise SdrtError(f"{path}: {key!r} is missing (an integer {low} .. {high})")
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SdrtError(f"{path}: {key} {value!r} is not accepted: an integer {low} .. {high}")
+    return value
+
+
+def _ints(config: dict, path: Path, key: str, low: int, high: int, max_len: int) -> list[int]:
+    """config[key] as a non-empty list of ints in [low, high]."""
+    value = config.get(key)
+    if not isinstance(value, list) or not 1 <= len(value) <= max_len:
+        raise SdrtError(f"{path}: {key} {value!r} is not accepted: a list of 1 .. {max_len} integers")
+    return [_int({key: v}, path, key, low, high) for v in value]
 
 
 def scheduler_config_path(model_dir: Path) -> Path:
     return model_dir / "scheduler" / "scheduler_config.json"
 
 
+MAX_SIZE = 16384  # pixels per side: far beyond any SD model, small enough to refuse nonsense before allocating
+MAX_CHANNELS = 8192
+
+
 def read_model_info(model_dir: Path) -> ModelInfo:
+    """Every value checked for type and range, so that a broken config is one clear error, before any work."""
     if not model_dir.is_dir():
         raise SdrtError(f"model folder {model_dir} does not exist")
     index = read_json(model_dir / "model_index.json")
     pipeline = index.get("_class_name", "")
     if pipeline not in SUPPORTED_PIPELINES:
         raise SdrtError(f"model_index.json _class_name {pipeline!r} is not supported: accepted values are {', '.join(SUPPORTED_PIPELINES)}")
-    unet = read_json(model_dir / "unet" / "config.json")
-    vae = read_json(model_dir / "vae" / "config.json")
-    text = read_json(model_dir / "text_encoder" / "config.json")
-    sched = read_json(scheduler_config_path(model_dir))
+    paths = {name: model_dir / name / "config.json" for name in ("unet", "vae", "text_encoder")}
+    unet, vae, text = (read_json(paths[name]) for name in ("unet", "vae", "text_encoder"))
+    sched_path = scheduler_config_path(model_dir)
+    sched = read_json(sched_path)
     tok_cfg_path = model_dir / "tokenizer" / "tokenizer_config.json"
     tok_cfg = read_json(tok_cfg_path) if tok_cfg_path.is_file() else {}
     for name in ("vocab.json", "merges.txt"):
         if not (model_dir / "tokenizer" / name).is_file():
             raise SdrtError(f"{model_dir / 'tokenizer' / name} is missing: the CLIP tokenizer needs vocab.json and merges.txt")
-    max_len = int(tok_cfg.get("model_max_length", 77))
-    max_len = min(max_len, int(text.get("max_position_embeddings", 77)))
-    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    max_len = _int(tok_cfg, tok_cfg_path, "model_max_length", 1, 10**30, default=77)
+    max_len = min(max_len, _int(text, paths["text_encoder"], "max_position_embeddings", 3, 4096, default=77))
+    vae_scale = 2 ** (len(_ints(vae, paths["vae"], "block_out_channels", 1, MAX_CHANNELS, 6)) - 1)
     sample_size = unet.get("sample_size", 64)
-    if isinstance(sample_size, (list, tuple)):
-        height, width = (int(s) * vae_scale for s in sample_size)
-    else:
-        height = width = int(sample_size) * vae_scale
+    sizes = sample_size if isinstance(sample_size, list) and len(sample_size) == 2 else [sample_size]
+    height, width = (_int({"sample_size": v}, paths["unet"], "sample_size", 1, MAX_SIZE // vae_scale) * vae_scale for v in sizes * (3 - len(sizes)))
+    scaling_factor = vae.get("scaling_factor", 0.18215)
+    if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) or not 0 < scaling_factor < 1e6:
+        raise SdrtError(f"{paths['vae']}: scaling_factor {scaling_factor!r} is not accepted: a positive number")
+    prediction_type = sched.get("prediction_type", "epsilon")
+    if prediction_type not in CommonConfig.PREDICTION_TYPES:
+        raise SdrtError(f"{sched_path}: prediction_type {prediction_type!r} is not accepted: accepted values are {', '.join(CommonConfig.PREDICTION_TYPES)}")
+    cross_attention_dim = unet.get("cross_attention_dim")
     return ModelInfo(
         pipeline=pipeline,
-        latent_channels=int(unet.get("in_channels", 4)),
-        unet_out_channels=int(unet.get("out_channels", 4)),
-        unet_up_factor=2 ** (len(unet["block_out_channels"]) - 1),
+        latent_channels=_int(unet, paths["unet"], "in_channels", 1, 64, default=4),
+        unet_out_channels=_int(unet, paths["unet"], "out_channels", 1, 64, default=4),
+        unet_up_factor=2 ** (len(_ints(unet, paths["unet"], "block_out_channels", 1, MAX_CHANNELS, 8)) - 1),
         vae_scale_factor=vae_scale,
-        vae_latent_channels=int(vae.get("latent_channels", 4)),
-        scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-        cross_attention_dim=int(unet["cross_attention_dim"]),
-        text_hidden_size=int(text["hidden_size"]),
-        text_vocab_size=int(text["vocab_size"]),
+        vae_latent_channels=_int(vae, paths["vae"], "latent_channels", 1, 64, default=4),
+        scaling_factor=float(scaling_factor),
+        cross_attention_dim=_int({"cross_attention_dim": cross_attention_dim}, paths["unet"], "cross_attention_dim", 1, MAX_CHANNELS),
+        text_hidden_size=_int(text, paths["text_encoder"], "hidden_size", 1, MAX_CHANNELS),
+        text_vocab_size=_int(text, paths["text_encoder"], "vocab_size", 1, 10**7),
         text_max_length=max_len,
-        prediction_type=sched.get("prediction_type", "epsilon"),
+        prediction_type=prediction_type,
         default_height=height,
         default_width=width,
     )

@@ -8,6 +8,7 @@ and scheduler give the same image. The pipeline sees engines only through `Engin
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,11 @@ from .components import ComponentSpec
 from .engines.base import Engine, LoadConfig, engine_class
 from .errors import SdrtError
 from .manifest import load_manifest, model_hash, verify_files
+from .memory import attention_bytes, check_fits
 from .model_info import ModelInfo
 from .noise import make_noise
 from .schedulers import default_scheduler_name, make_scheduler
-from .tokenizer import CLIPTokenizer
+from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
 
 TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
@@ -71,7 +73,7 @@ class StableDiffusion:
         backend = engine_class(manifest["backend"]["name"])
         cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"])
         if verify:  # the hashes of what this run reads: tokenizer files and the engines it loads
-            tokenizer_files = [engine_dir / rel for rel in manifest["files"] if rel.startswith("tokenizer/")]
+            tokenizer_files = [engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)]
             engine_files = [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(engine_dir / name, cfg)]
             verify_files(engine_dir, manifest, tokenizer_files + engine_files)
         engines = {}
@@ -97,6 +99,12 @@ class StableDiffusion:
             height=d.get("height", self.info.default_height) if req.height is None else req.height,
             width=d.get("width", self.info.default_width) if req.width is None else req.width,
         )
+        for option, text in (("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise SdrtError(f"{option} is not valid UTF-8 text (an undecodable byte at character {exc.start}); "
+                                "give the prompt as UTF-8") from None
         f = self.info.vae_scale_factor
         for option, value in (("--height", s.height), ("--width", s.width)):
             if value <= 0 or value % f:
@@ -124,6 +132,9 @@ class StableDiffusion:
         noise = make_noise(req.noise, req.seed)
         n = req.num_images
         guided = s.guidance > 1.0
+        f = self.info.vae_scale_factor
+        latent_pixels = (s.height // f) * (s.width // f)
+        check_fits(attention_bytes(latent_pixels, 2 * n if guided else n), f"{s.height}x{s.width} with {n} image(s) per run")
 
         # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D)
         if guided:
@@ -132,7 +143,6 @@ class StableDiffusion:
         else:
             context = np.repeat(self._encode_text([req.prompt]), n, 0)
 
-        f = self.info.vae_scale_factor
         shape = (n, self.info.latent_channels, s.height // f, s.width // f)
         latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)  # (n, C, h, w) float32
         unet = self.engines["unet"]

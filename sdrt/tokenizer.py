@@ -34,6 +34,16 @@ def _token_text(value) -> str:
     return value["content"] if isinstance(value, dict) else str(value)
 
 
+def _read_object(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SdrtError(f"tokenizer file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise SdrtError(f"tokenizer file {path} must hold a JSON object")
+    return data
+
+
 class CLIPTokenizer:
     def __init__(self, folder: Path):
         for name in ("vocab.json", "merges.txt"):
@@ -42,20 +52,26 @@ class CLIPTokenizer:
         settings = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (folder / name).is_file():
-                settings.update(json.loads((folder / name).read_text(encoding="utf-8")))
+                settings.update(_read_object(folder / name))
         self.bos = _token_text(settings.get("bos_token", "<|startoftext|>"))
         self.eos = _token_text(settings.get("eos_token", "<|endoftext|>"))
         unk = _token_text(settings.get("unk_token", "<|endoftext|>"))
         self.pad = _token_text(settings.get("pad_token", self.eos))
-        self.max_length = int(settings.get("model_max_length", 77))
+        max_length = settings.get("model_max_length", 77)
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, float)) or max_length < 3:
+            raise SdrtError(f"tokenizer in {folder}: model_max_length {max_length!r} is not accepted: an integer >= 3")
+        self.max_length = int(max_length)
         if self.max_length > 10_000:  # transformers' "no limit" sentinel; CLIP encoders take 77
             self.max_length = 77
 
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
-                  if line and not line.startswith("#version")]
-        tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
-                            fuse_unk=False, unk_token=unk))
+        vocab = _read_object(folder / "vocab.json")
+        try:
+            merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
+                      if line and not line.startswith("#version")]
+            tok = Tokenizer(BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                                fuse_unk=False, unk_token=unk))
+        except Exception as exc:  # tokenizers raises plain Exception; the file may not be UTF-8
+            raise SdrtError(f"tokenizer in {folder}: vocab.json and merges.txt do not make a BPE tokenizer ({exc})") from None
         tok.normalizer = clip_normalizer()
         tok.pre_tokenizer = clip_pre_tokenizer()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in dict.fromkeys((self.bos, self.eos, unk, self.pad))])
