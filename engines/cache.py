@@ -24,7 +24,7 @@ COMPLETE = ".complete"  # in a finished entry: {file name: sha256}
 
 
 def cache_root() -> Path:
-    base = os.environ.get("SDRT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdrt"
+    base = os.environ.get("SDRT_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
     return Path(base)
 
 

@@ -26,7 +26,7 @@ import openvino as ov
 
 from sdrt.components import ComponentSpec
 from sdrt.cpu import cpu_description
-from sdrt.errors import SdrtError
+from sdrt.errors import SdrtError, first_line
 from sdrt.files import locked
 
 from .base import BuildConfig, LoadConfig, check_feeds
@@ -68,10 +68,6 @@ def _weighted_matmuls(model: ov.Model) -> list[str]:
 
     return [op.get_friendly_name() for op in model.get_ops()
             if op.get_type_name() == "MatMul" and any(constant(op.input_value(i)) for i in range(2))]
-
-
-def _first_line(exc: Exception) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
 
 
 def _model_cache() -> Path | None:
@@ -180,12 +176,12 @@ class OpenVinoEngine:
                     core.set_property({"CACHE_DIR": str(cache)})
                     return cls(core.compile_model(xml, device, config).create_infer_request(), spec)
             except RuntimeError as exc:
-                log.warning("openvino could not use its model cache %s (%s); compiling without it", cache, _first_line(exc))
+                log.warning("openvino could not use its model cache %s (%s); compiling without it", cache, first_line(exc))
                 core = ov.Core()
         try:
             compiled = core.compile_model(xml, device, config)
         except RuntimeError as exc:
-            raise SdrtError(f"openvino could not load {xml}: {_first_line(exc)}; rebuild the engines with `sdrt build`") from None
+            raise SdrtError(f"openvino could not load {xml}: {first_line(exc)}; rebuild the engines with `sdrt build`") from None
         return cls(compiled.create_infer_request(), spec)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

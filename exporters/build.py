@@ -18,13 +18,14 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 from sdrt.components import ComponentSpec, component_specs
 from sdrt.cpu import cpu_description
 from sdrt.engines.base import BuildConfig, LoadConfig, engine_class, static_spec
 from sdrt.engines.cache import BuildCache, cache_key
-from sdrt.errors import SdrtError
+from sdrt.errors import SdrtError, first_line
 from sdrt.files import hold, locked, remove_leftovers
 from sdrt.image_io import usual_mode
 from sdrt.manifest import MANIFEST, file_sha256, hash_files, write_manifest
@@ -56,12 +57,12 @@ def _scheduler_config(model_dir: Path) -> dict:
         try:
             filled = dict(cls.from_config(config).config)
         except (TypeError, ValueError, KeyError) as exc:
-            raise SdrtError(f"{path}: diffusers' {config['_class_name']} refuses this config: {exc}") from None
+            raise SdrtError(f"{path}: diffusers' {config['_class_name']} refuses this config: {first_line(exc)}") from None
         config = {"_class_name": config["_class_name"], **{k: v for k, v in filled.items() if not k.startswith("_")}}
     try:
         make_scheduler(default_scheduler_name(config), config).set_timesteps(2)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise SdrtError(f"{path}: a value has the wrong type or range ({exc})") from None
+        raise SdrtError(f"{path}: a value has the wrong type or range ({first_line(exc)})") from None
     return config
 
 
@@ -94,7 +95,7 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
             break
         hashes.update(placed)
     if not hit:
-        modules = onnx_export.load_modules(model_dir)
+        modules = _load_modules(model_dir)
         for name, module in modules.items():
             log.info("exporting %s", name)
             shutil.rmtree(staging / name, ignore_errors=True)
@@ -109,6 +110,30 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
         errors[name] = json.loads(record.read_text())["max_abs_error"]
         record.unlink()
     return errors, hit, {p: h for p, h in hashes.items() if p.exists()}
+
+
+def _load_modules(model_dir: Path) -> dict:
+    """The torch modules, with weights the loaders can read safely, or one clear error."""
+    import pickle
+
+    import diffusers
+    import transformers
+
+    from . import onnx_export
+
+    for library in (diffusers, transformers):  # their loaders' notes (install accelerate, ...) are not for sdrt's users;
+        library.utils.logging.set_verbosity(logging.CRITICAL)  # what stops the build is raised and reported below
+        library.utils.logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols
+            return onnx_export.load_modules(model_dir)
+    except (OSError, pickle.UnpicklingError, RuntimeError, ValueError) as exc:
+        pickles = sorted(p.relative_to(model_dir).as_posix() for sub in ("text_encoder", "unet", "vae") for p in (model_dir / sub).glob("*.bin"))
+        if pickles:
+            raise SdrtError(f"{model_dir}: the weights in {', '.join(pickles)} are a pickle that torch's safe loader (weights_only) refuses; "
+                            "sdrt never runs code from a model file: convert it to .safetensors with a tool you trust") from None
+        raise SdrtError(f"{model_dir}: the weights could not be loaded: {first_line(exc)}") from None
 
 
 def _reference(model_dir: Path, info: ModelInfo, scheduler_config: dict, specs: dict[str, ComponentSpec], staging: Path,
@@ -193,8 +218,8 @@ def _check_tokenizer(model_dir: Path) -> None:
 
 
 def _os_error(exc: OSError, out: Path) -> SdrtError:
-    where = f" ({exc.filename})" if exc.filename else ""
-    return SdrtError(f"--out {out}: cannot write the engine folder: {exc.strerror or exc}{where}; nothing was written there")
+    where = f": {exc.filename}" if exc.filename else ""
+    return SdrtError(f"building --out {out} failed: {exc.strerror or exc}{where}; nothing was written to --out")
 
 
 def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool = False, cache: BuildCache | None = None) -> dict:
@@ -206,6 +231,8 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
     except OSError as exc:
         raise _os_error(exc, out) from None
     _check_replaceable(out, overwrite)
+    if os.path.lexists(out.parent) and not out.parent.is_dir():
+        raise SdrtError(f"--out {out}: {out.parent} is a file, not a folder")
     info = read_model_info(model_dir)
     _check_tokenizer(model_dir)
     extras = read_json(model_dir / MODEL_EXTRAS) if (model_dir / MODEL_EXTRAS).is_file() else {}

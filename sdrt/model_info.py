@@ -73,6 +73,8 @@ def _int(config: dict, path: Path, key: str, low: int, high: int, default: Any =
 def _ints(config: dict, path: Path, key: str, low: int, high: int, max_len: int) -> list[int]:
     """config[key] as a non-empty list of ints in [low, high]."""
     value = config.get(key)
+    if key not in config:
+        raise SdrtError(f"{path}: {key!r} is missing (a list of 1 .. {max_len} integers)")
     if not isinstance(value, list) or not 1 <= len(value) <= max_len:
         raise SdrtError(f"{path}: {key} {value!r} is not accepted: a list of 1 .. {max_len} integers")
     return [_int({key: v}, path, key, low, high) for v in value]

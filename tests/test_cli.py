@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_clean_error, sdrt
 from sdrt.image_io import read_metadata
 
 BLOCKED = ("torch", "diffusers", "transformers")
@@ -22,24 +23,6 @@ def no_torch_path(tmp_path_factory) -> Path:
         (root / name).mkdir()
         (root / name / "__init__.py").write_text(f"raise ImportError('{name} is blocked in this test')\n")
     return root
-
-
-def sdrt(*args, blocked: Path | None = None, cwd: Path | None = None, cache_dir: Path | None = None):
-    env = dict(os.environ)
-    if cache_dir:
-        env["SDRT_CACHE_DIR"] = str(cache_dir)
-    if blocked:
-        env["PYTHONPATH"] = os.pathsep.join([str(blocked), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
-
-
-def assert_clean_error(result, *fragments):
-    assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_package_import_does_not_pull_torch(no_torch_path):

@@ -1,0 +1,31 @@
+"""The `sdrt` command in a subprocess, and the shape of a clean error."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def sdrt(*args, blocked: Path | None = None, cwd: Path | None = None, cache_dir: Path | None = None, env: dict | None = None,
+         timeout: float = 600):
+    env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
+    if cache_dir:
+        env["SDRT_CACHE_DIR"] = str(cache_dir)
+    if blocked:
+        env["PYTHONPATH"] = os.pathsep.join([str(blocked), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(os.fsencode, args)], capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=timeout)
+
+
+def sdrt_background(*args, cache_dir: Path | None = None) -> subprocess.Popen:
+    env = {**os.environ, **({"SDRT_CACHE_DIR": str(cache_dir)} if cache_dir else {})}
+    return subprocess.Popen([sys.executable, "-m", "sdrt.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def assert_clean_error(result, *fragments):
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
