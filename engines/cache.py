@@ -34,6 +34,7 @@ def cache_key(kind: str, **parts: Any) -> str:
 
 
 def _place(src: Path, dst: Path) -> None:
+    dst.unlink(missing_ok=True)  # never write through an existing link into another entry
     try:
         os.link(src, dst)
     except OSError:
@@ -98,10 +99,9 @@ class BuildCache:
             self._disable("read", exc)
             return None
 
-    def store(self, key: str, files: list[Path], hashes: dict[Path, str] | None = None) -> dict[Path, str]:
-        """Add the files as an entry (linked where the filesystem allows); -> {file: sha256}.
-        `hashes` holds hashes already computed."""
-        hashes = {f: (hashes or {}).get(f) or file_sha256(f) for f in files}
+    def store(self, key: str, files: list[Path]) -> dict[Path, str]:
+        """Add the files as an entry (linked where the filesystem allows); -> {file: sha256}."""
+        hashes = {f: file_sha256(f) for f in files}
         entry = self.root / key
         if not self.enabled or (entry / COMPLETE).is_file():
             return hashes

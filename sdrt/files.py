@@ -58,16 +58,15 @@ def remove_leftovers(folder: Path, prefix: str, suffix: str = "") -> list[Path]:
         except OSError:
             continue  # vanished, or a symlink: not ours
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while removing, so two sweepers do not race
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
         except BlockingIOError:
             continue  # a live process is writing it
-        finally:
-            os.close(fd)
-        try:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
         except OSError as exc:
             log.warning("could not remove %s, left by an interrupted run: %s", path, exc.strerror or exc)
             continue
+        finally:
+            os.close(fd)
         log.warning("removed %s, left by an interrupted run", path)
         removed.append(path)
     return removed

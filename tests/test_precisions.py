@@ -37,7 +37,7 @@ def built(tiny_models, tmp_path_factory):
     for kind, backend, precision in [("sd1", "openvino", "fp32"), ("sd2", "openvino", "fp32"), ("sd1", "openvino", "int8"),
                                      ("sd1", "onnxruntime", "int8"), ("sd1", "openvino", "int8-weights"), ("sd2", "openvino", "fp16")] + [("sd1", "openvino", "bf16")] * NATIVE_BF16:
         folder = root / f"{kind}-{backend}-{precision}"
-        build_engines(tiny_models[kind], folder, BuildConfig(backend=backend, precision=precision))
+        build_engines(tiny_models[kind], folder, BuildConfig(backend=backend, precision=precision, calibration_steps=4, accuracy_steps=4))
         out[kind, backend, precision] = folder
     return out
 
@@ -100,14 +100,14 @@ def test_gate_fails_an_impossible_threshold(tiny_models, tmp_path):
 
 def test_cache_reuses_and_invalidates(tiny_models, tmp_path):
     cache = BuildCache(tmp_path / "cache")
-    cfg = BuildConfig(backend="openvino", precision="int8", accuracy_prompts=0)
+    cfg = BuildConfig(backend="openvino", precision="int8", accuracy_prompts=0, calibration_steps=3)
     first = build_engines(tiny_models["sd1"], tmp_path / "a", cfg, cache=cache)
     assert first["export_cache"] == "miss" and {c["cache"] for c in first["components"].values()} == {"miss"}
     second = build_engines(tiny_models["sd1"], tmp_path / "b", cfg, cache=cache)
     assert second["export_cache"] == "hit" and {c["cache"] for c in second["components"].values()} == {"hit"}
     assert first["files"] == second["files"]
     changed = build_engines(tiny_models["sd1"], tmp_path / "c", BuildConfig(backend="openvino", precision="int8", accuracy_prompts=0,
-                                                                             calibration_prompts=2), cache=cache)
+                                                                             calibration_steps=3, calibration_prompts=2), cache=cache)
     assert changed["export_cache"] == "hit" and changed["components"]["unet"]["cache"] == "miss"
     assert changed["files"]["unet/model.bin"] != first["files"]["unet/model.bin"]
 
