@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdrt.files import hold, remove_leftovers
+from sdrt.files import hold, remove_leftovers, track, untrack
 from sdrt.manifest import file_sha256
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,13 @@ class BuildCache:
             if entry.is_dir():  # an entry without its record: never complete, or damaged
                 shutil.rmtree(entry)
             tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
+            track(tmp)
             lock = hold(tmp)
             for f in files:
                 _place(f, tmp / f.name)
             (tmp / COMPLETE).write_text(json.dumps({f.name: h for f, h in hashes.items()}), encoding="utf-8")
             tmp.rename(entry)
+            untrack(tmp)
             tmp = None
         except OSError as exc:
             if not (entry / COMPLETE).is_file():  # else another build stored it first
@@ -126,6 +128,7 @@ class BuildCache:
                 os.close(lock)
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+                untrack(tmp)
         return hashes
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from . import __version__
 from .cpu import usable_threads
 from .errors import SdrtError
+from .files import remove_temporaries
 from .noise import NOISE_KINDS
 
 
@@ -270,23 +272,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminated(signum: int, frame) -> None:
-    """SIGTERM (kill, a service manager) ends the run as Ctrl-C does: temporary files are removed."""
-    raise KeyboardInterrupt
+def _stop(signum: int, frame) -> None:
+    """Ctrl-C or SIGTERM: delete what this run was writing and end at once. (An exception raised here
+    could land inside a native library's frame and abort the process instead.)"""
+    remove_temporaries()
+    print("sdrt: interrupted", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = {stop: signal.signal(stop, _stop) for stop in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args)
+    finally:
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdrt: %(message)s")
     try:
         args.func(args)
     except SdrtError as exc:
         print(f"sdrt: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("sdrt: interrupted", file=sys.stderr)
-        return 130
     except Exception as exc:  # a bug, not a user error: one line, the traceback with --verbose
         if args.verbose:
             raise

@@ -26,6 +26,23 @@ log = logging.getLogger(__name__)
 
 LEFTOVER_AGE_S = 10.0
 
+_temporaries: set[Path] = set()  # what this process is writing and must not leave behind
+
+
+def track(path: Path) -> None:
+    """Mark `path` as this process's work in progress (until `untrack`): `remove_temporaries`, which
+    the CLI's Ctrl-C / SIGTERM handler calls, deletes it."""
+    _temporaries.add(path)
+
+
+def untrack(path: Path) -> None:
+    _temporaries.discard(path)
+
+
+def remove_temporaries() -> None:
+    for path in list(_temporaries):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
 
 def hold(path: Path) -> int:
     """Take the exclusive lock on `path` (a file or folder) for as long as this process keeps the

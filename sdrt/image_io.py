@@ -15,7 +15,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .errors import SdrtError
-from .files import publish_file, remove_leftovers
+from .files import publish_file, remove_leftovers, track, untrack
 
 METADATA_KEY = "sdrt"
 
@@ -59,6 +59,7 @@ def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any], overwrite:
         remove_leftovers(folder, prefix, ".tmp")
         fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
         tmp = Path(name)
+        track(tmp)
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file is published or removed
         with os.fdopen(fd, "wb", closefd=False) as f:
             Image.fromarray(image, mode="RGB").save(f, format="PNG", pnginfo=info)
@@ -69,6 +70,7 @@ def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any], overwrite:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+            untrack(tmp)
         if fd is not None:
             os.close(fd)
 

@@ -175,12 +175,13 @@ def test_a_killed_build_leaves_nothing_the_next_one_keeps(tiny_models, tmp_path)
     assert remove_leftovers(tmp_path, ".E.building-") == [live]
 
 
-def test_sigterm_ends_a_build_cleanly(tiny_models, tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_end_a_build_cleanly(tiny_models, tmp_path, stop):
     build = sdrt_background("build", tiny_models["sd1"], "--out", tmp_path / "E", "--no-cache", "--accuracy-prompts", "0")
     wait_for(lambda: staging_folders(tmp_path, "E"))
-    build.send_signal(signal.SIGTERM)
+    build.send_signal(stop)
     _, stderr = build.communicate(timeout=60)
-    assert build.returncode == 130 and "interrupted" in stderr, stderr
+    assert build.returncode == 128 + stop and stderr.strip().endswith("sdrt: interrupted"), stderr
     assert list(tmp_path.iterdir()) == []
 
 
