@@ -38,3 +38,4 @@ def tiny_engines(tiny_models, tmp_path_factory) -> dict[str, Path]:
         build_engines(model, root / kind, BuildConfig(backend="onnxruntime"))
         out[kind] = root / kind
     return out
+
