@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -15,6 +16,24 @@ from .cpu import usable_threads
 from .errors import SdrtError
 from .files import remove_temporaries
 from .noise import NOISE_KINDS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors as the rest of sdrt gives them: one line, exit status 2."""
+
+    def error(self, message: str):
+        print(f"sdrt: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _seed(value: str) -> int:
+    """--seed: an integer, or -1 / random for a fresh random one (printed and recorded)."""
+    if value.strip().lower() in ("-1", "random"):
+        return secrets.randbelow(2**32)
+    try:
+        return int(value)
+    except ValueError:
+        raise SdrtError(f"--seed {value!r} is not a seed: give an integer 0 .. {2**32 - 1}, or -1 / random") from None
 
 
 def _size(option: str, value: str | None) -> tuple[int, int] | None:
@@ -66,9 +85,11 @@ def _generate(args: argparse.Namespace) -> None:
 
     req = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
+        seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
         num_images=args.num_images, noise=args.noise,
     )
+    if str(req.seed) != args.seed.strip():
+        print(f"seed: {req.seed}", file=sys.stderr)
     paths = output_paths(Path(args.output), args.num_images)
     check_writable(paths, args.overwrite)
     pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads))
@@ -181,12 +202,14 @@ def _parser() -> argparse.ArgumentParser:
     from .engines.base import BACKENDS, PRECISIONS
     from .schedulers import SCHEDULERS
 
-    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion inference runtime.")
+    parser = _Parser(prog="sdrt", description="Stable Diffusion inference runtime.")
     parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of builds")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of builds; tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose = _Parser(add_help=False)  # --verbose is also accepted after the command
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    b = sub.add_parser("build", help="export a diffusers model folder and build engines")
+    b = sub.add_parser("build", parents=[verbose], help="export a diffusers model folder and build engines")
     b.add_argument("model", help="diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
     b.add_argument("--out", required=True, help="engine folder to create")
     b.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(BACKENDS)} (default onnxruntime)")
@@ -208,14 +231,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--no-cache", action="store_true", help="neither use nor fill the build cache ($SDRT_CACHE_DIR, default ~/.cache/sdrt)")
     b.set_defaults(func=_build)
 
-    g = sub.add_parser("generate", help="generate images with built engines")
+    g = sub.add_parser("generate", parents=[verbose], help="generate images with built engines")
     g.add_argument("engines", help="engine folder made by `sdrt build`")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--steps", type=int, default=None, help="default: the model's recommendation, else 20")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, <= 1 disables it (default: the model's recommendation, else 7.5)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)} (default: the model's recommendation, else its own)")
+    g.add_argument("--seed", default="0", help="integer 0 .. 2^32-1 (default 0); -1 or random: a random seed, printed and recorded")
+    g.add_argument("--scheduler", default=None, help=f"one of {', '.join(SCHEDULERS)}, or a WebUI sampler name such as 'DPM++ 2M Karras', "
+                   "'Euler a', 'PLMS' (default: the model's recommendation, else its own)")
     g.add_argument("--karras", action="store_true", help="Karras sigma spacing (dpmpp_2m, euler, lms)")
     g.add_argument("--height", type=int, default=None, help="default: the model's recommendation, else its sample size")
     g.add_argument("--width", type=int, default=None)
@@ -228,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=_generate)
 
-    r = sub.add_parser("grid", help="one picture: a row per prompt, a column per seed (0, 1, ...)")
+    r = sub.add_parser("grid", parents=[verbose], help="one picture: a row per prompt, a column per seed (0, 1, ...)")
     r.add_argument("engines")
     r.add_argument("--prompt", action="append", required=True, help="repeat for more rows")
     r.add_argument("--seeds", type=int, default=4, help="columns: seeds 0 .. N-1 (default 4)")
@@ -240,7 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=0)
     r.set_defaults(func=_grid)
 
-    bn = sub.add_parser("bench", help="time backends x precisions against the diffusers baseline")
+    bn = sub.add_parser("bench", parents=[verbose], help="time backends x precisions against the diffusers baseline")
     bn.add_argument("--model", required=True, help="a model folder, or tiny / sd15 / sd21-base / sd21-v (random weights, generated once)")
     bn.add_argument("--out", required=True, help="folder for results.json, report.md, report.png and the engines")
     bn.add_argument("--backends", default="onnxruntime", help="comma-separated (default onnxruntime)")
@@ -260,11 +284,11 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--build-arg", action="append", default=[], help="extra argument for `sdrt build` (repeatable), e.g. --build-arg=--reference-size=256x256")
     bn.set_defaults(func=_bench)
 
-    c = sub.add_parser("cache", help="show or clear the build cache and OpenVINO's model cache")
+    c = sub.add_parser("cache", parents=[verbose], help="show or clear the build cache and OpenVINO's model cache")
     c.add_argument("--clear", metavar="KINDS", help="exports, engines, accuracy, openvino, models (comma-separated) or all")
     c.set_defaults(func=_cache)
 
-    i = sub.add_parser("info", help="describe an engine folder")
+    i = sub.add_parser("info", parents=[verbose], help="describe an engine folder")
     i.add_argument("engines")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
     i.add_argument("--no-verify", action="store_true", help="skip checking file hashes")
@@ -298,6 +322,9 @@ def _run(args: argparse.Namespace) -> int:
     except SdrtError as exc:
         print(f"sdrt: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`sdrt info --json | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except Exception as exc:  # a bug, not a user error: one line, the traceback with --verbose
         if args.verbose:
             raise

@@ -14,10 +14,13 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from . import __version__
 from .errors import SdrtError
 from .files import publish_file, remove_leftovers, track, untrack
+from .schedulers import WEBUI_NAME_OF
 
 METADATA_KEY = "sdrt"
+WEBUI_KEY = "parameters"  # the AUTOMATIC1111 WebUI's infotext, read by its "PNG Info", ComfyUI and image sites
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -48,11 +51,25 @@ def usual_mode(directory: bool) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def webui_parameters(meta: dict[str, Any]) -> str:
+    """A generation's parameters in the WebUI's infotext format (prompt, negative prompt, then key: value pairs)."""
+    lines = [meta["prompt"]] + ([f"Negative prompt: {meta['negative_prompt']}"] if meta["negative_prompt"] else [])
+    fields = {"Steps": meta["steps"], "Sampler": WEBUI_NAME_OF.get(meta["scheduler"], meta["scheduler"]),
+              "Schedule type": "Karras" if meta["karras_sigmas"] else None, "CFG scale": meta["guidance"], "Seed": meta["seed"],
+              "Size": f"{meta['width']}x{meta['height']}", "Model hash": meta["model_hash"]}
+    if meta["num_images"] > 1:  # one generator draws the whole batch (diffusers' convention): the seed alone is not enough
+        fields.update({"Batch size": meta["num_images"], "Batch pos": meta["image_index"]})
+    fields["Version"] = f"sdrt {__version__}"
+    return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
+
+
 def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any], overwrite: bool = False) -> None:
     """image: (H, W, 3) uint8. Written to a temporary file in the same folder (locked while this process
     lives), then moved to `path` in one step that, without `overwrite`, fails if `path` exists by then."""
     info = PngInfo()
     info.add_itxt(METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
+    if "prompt" in metadata:
+        info.add_itxt(WEBUI_KEY, webui_parameters(metadata))
     folder = path.parent if str(path.parent) else Path(".")
     prefix, tmp, fd = f".{path.name}.", None, None
     try:

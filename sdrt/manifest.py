@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -77,6 +78,8 @@ def verify_files(root: Path, manifest: dict[str, Any], paths: list[Path] | None 
 def load_manifest(root: Path, verify: bool = True) -> dict[str, Any]:
     """Read and check the format version; with `verify`, check every file's hash too."""
     path = root / MANIFEST
+    if os.path.lexists(root) and not root.is_dir():
+        raise SdrtError(f"{root} is a file, not an engine folder; give the folder `sdrt build --out` made")
     if not root.is_dir():
         raise SdrtError(f"engine folder {root} does not exist; build one with `sdrt build MODEL --out {root}`")
     if not path.is_file():

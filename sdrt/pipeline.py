@@ -8,6 +8,7 @@ and scheduler give the same image. The pipeline sees engines only through `Engin
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,10 +24,13 @@ from .manifest import load_manifest, model_hash, verify_files
 from .memory import attention_bytes, check_fits
 from .model_info import ModelInfo
 from .noise import make_noise
-from .schedulers import default_scheduler_name, make_scheduler
+from .schedulers import default_scheduler_name, make_scheduler, resolve_scheduler
 from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
 
+log = logging.getLogger(__name__)
+
 TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
 BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
 
 
@@ -52,6 +56,7 @@ class Settings:
     steps: int
     guidance: float
     scheduler: str
+    karras: bool
     height: int
     width: int
 
@@ -75,7 +80,9 @@ class StableDiffusion:
         if verify:  # the hashes of what this run reads: tokenizer files and the engines it loads
             tokenizer_files = [engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)]
             engine_files = [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(engine_dir / name, cfg)]
-            verify_files(engine_dir, manifest, tokenizer_files + engine_files)
+            if cfg.device == manifest["backend"]["device"]:  # what the build made for this device must be there: no silent fallback
+                engine_files += [engine_dir / rel for name in TXT2IMG_COMPONENTS for rel in manifest["components"][name]["artifacts"]]
+            verify_files(engine_dir, manifest, list(dict.fromkeys(tokenizer_files + engine_files)))
         engines = {}
         for name in TXT2IMG_COMPONENTS:
             spec = ComponentSpec.from_json(manifest["components"][name]["spec"])
@@ -92,10 +99,12 @@ class StableDiffusion:
 
     def settings(self, req: GenerateRequest) -> Settings:
         d = {**BUILTIN_DEFAULTS, **self.defaults}
+        scheduler, karras = resolve_scheduler(req.scheduler or d.get("scheduler") or default_scheduler_name(self.scheduler_config), req.karras)
         s = Settings(
             steps=d["steps"] if req.steps is None else req.steps,
             guidance=d["guidance"] if req.guidance is None else req.guidance,
-            scheduler=req.scheduler or d.get("scheduler") or default_scheduler_name(self.scheduler_config),
+            scheduler=scheduler,
+            karras=karras,
             height=d.get("height", self.info.default_height) if req.height is None else req.height,
             width=d.get("width", self.info.default_width) if req.width is None else req.width,
         )
@@ -127,8 +136,11 @@ class StableDiffusion:
     def generate(self, req: GenerateRequest, progress: bool = True) -> list[np.ndarray]:
         """-> num_images arrays (H, W, 3) uint8."""
         s = self.settings(req)
-        scheduler = make_scheduler(s.scheduler, self.scheduler_config, karras_sigmas=req.karras)
+        scheduler = make_scheduler(s.scheduler, self.scheduler_config, karras_sigmas=s.karras)
         scheduler.set_timesteps(s.steps)
+        if s.guidance > USEFUL_GUIDANCE:
+            log.warning("--guidance %g is far above where guidance helps (about 1 .. %g): expect a saturated or flat image",
+                        s.guidance, USEFUL_GUIDANCE)
         noise = make_noise(req.noise, req.seed)
         n = req.num_images
         guided = s.guidance > 1.0
@@ -176,10 +188,11 @@ class StableDiffusion:
             "negative_prompt": req.negative_prompt,
             "steps": s.steps,
             "scheduler": s.scheduler,
-            "karras_sigmas": req.karras,
+            "karras_sigmas": s.karras,
             "guidance": s.guidance,
             "seed": req.seed,
             "image_index": index,
+            "num_images": req.num_images,
             "noise": req.noise,
             "height": s.height,
             "width": s.width,

@@ -87,8 +87,9 @@ class CLIPTokenizer:
         for row, encoding in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):
             tokens = encoding.ids
             if len(tokens) > room:
-                log.warning("prompt is %d tokens long; the text encoder takes %d, so the last %d were dropped: %r",
-                            len(tokens), room, len(tokens) - room, prompts[row][:60])
+                dropped = prompts[row][encoding.offsets[room][0]:]
+                log.warning("prompt is %d tokens long; the text encoder takes %d, so this end of it was dropped: %r",
+                            len(tokens), room, dropped)
                 tokens = tokens[:room]
             ids[row, : len(tokens) + 2] = [self.bos_id, *tokens, self.eos_id]
         return ids

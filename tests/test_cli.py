@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import assert_clean_error, sdrt
@@ -72,6 +73,11 @@ def test_info_shows_the_build(tiny_engines):
         (["--steps", "0"], ["--steps 0", "1 .. 1000"]),
         (["--num-images", "0"], ["--num-images 0"]),
         (["--seed", "-3"], ["--seed -3"]),
+        (["--seed", "lucky"], ["--seed 'lucky'", "-1 / random"]),
+        (["--steps", "1000", "--scheduler", "dpmpp_2m"], ["--steps 1000", "use at most 999"]),
+        (["--scheduler", "DPM++ 3M"], ["'DPM++ 3M'", "DPM++ 2M Karras"]),
+        (["--prompt"], ["--prompt: expected one argument"]),
+        (["--stpes", "3"], ["unrecognized arguments: --stpes"]),
         (["--karras", "--scheduler", "ddim"], ["--karras"]),
         (["--output", "out.jpg"], ["only .png"]),
         (["--output", "missing-dir/out.png"], ["does not exist"]),
@@ -156,3 +162,42 @@ def test_cache_shows_and_clears_what_builds_and_loads_left(tiny_models, tmp_path
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     assert sdrt("cache", "--clear", "all", cache_dir=cache).returncode == 0 and not list(cache.glob("export-*"))
     assert_clean_error(sdrt("cache", "--clear", "blobs", cache_dir=cache), "--clear 'blobs'", "accepted values are exports, engines")
+
+
+def test_webui_habits(tiny_engines, tmp_path):
+    """--seed -1 / random, WebUI sampler names, and WebUI's `parameters` infotext in the PNG."""
+    from PIL import Image
+
+    out = tmp_path / "r.png"
+    result = sdrt("generate", tiny_engines["sd1"], "--prompt", "a red circle", "--negative-prompt", "blurry", "--steps", "3", "--seed", "-1",
+                  "--scheduler", "dpm++ 2m KARRAS", "--guidance", "6", "--num-images", "2", "--output", out, "--quiet", "--verbose")
+    assert result.returncode == 0, result.stderr
+    [seed] = [int(line.split()[1]) for line in result.stderr.splitlines() if line.startswith("seed: ")]
+    meta = read_metadata(tmp_path / "r-1.png")
+    assert meta["seed"] == seed and meta["scheduler"] == "dpmpp_2m" and meta["karras_sigmas"] is True
+    with Image.open(tmp_path / "r-1.png") as im:
+        parameters = im.text["parameters"]
+    assert parameters == (f"a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.0, "
+                          f"Seed: {seed}, Size: 16x16, Model hash: {meta['model_hash']}, Batch size: 2, Batch pos: 1, Version: sdrt 0.1.0")
+    again = sdrt("generate", tiny_engines["sd1"], "--prompt", "a red circle", "--negative-prompt", "blurry", "--steps", "3", "--seed", str(seed),
+                 "--scheduler", "dpmpp_2m", "--karras", "--guidance", "6", "--num-images", "2", "--output", tmp_path / "s.png", "--quiet")
+    assert again.returncode == 0 and "seed:" not in again.stderr
+    assert (tmp_path / "s-1.png").read_bytes() != b"" and np.array_equal(np.asarray(Image.open(tmp_path / "s-1.png")),
+                                                                         np.asarray(Image.open(tmp_path / "r-1.png")))
+
+
+def test_small_first_hour_bugs(tiny_engines, tmp_path):
+    engines = tiny_engines["sd1"]
+    assert sdrt("info", engines, "--verbose").returncode == 0  # --verbose after the command
+    reader_gone = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "info", "--json", str(engines)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+    reader_gone.stdout.close()  # as `| head` does
+    assert reader_gone.wait(timeout=60) == 141 and reader_gone.stderr.read() == ""
+    (tmp_path / "file").write_text("")
+    assert_clean_error(sdrt("info", tmp_path / "file"), "is a file, not an engine folder")
+    loud = sdrt("generate", engines, "--prompt", "x", "--steps", "2", "--guidance", "1e6", "--output", tmp_path / "g.png", "--quiet")
+    assert loud.returncode == 0 and "--guidance 1e+06 is far above where guidance helps" in loud.stderr
+    copy = tmp_path / "E"
+    shutil.copytree(engines, copy)
+    (copy / "unet" / "model.cpu-optimized.onnx").unlink()  # was: a silent fall-back to the unoptimised graph
+    assert_clean_error(sdrt("generate", copy, "--prompt", "x", "--output", tmp_path / "m.png"), "model.cpu-optimized.onnx is missing", "rebuild")

@@ -54,11 +54,11 @@ def test_matches_transformers_token_for_token(tokenizer_dir):
         assert g.tolist() == e.tolist(), prompt
 
 
-def test_overlong_prompt_warns_with_dropped_count(tokenizer_dir, caplog):
+def test_overlong_prompt_warns_quoting_what_is_dropped(tokenizer_dir, caplog):
     ours = CLIPTokenizer(tokenizer_dir)
     with caplog.at_level(logging.WARNING):
-        ids = ours(["word " * 100])
-    assert "100 tokens long" in caplog.text and "the last 25 were dropped" in caplog.text
+        ids = ours(["word " * 75 + "and THIS is lost"])
+    assert "79 tokens long" in caplog.text and "this end of it was dropped: 'and THIS is lost'" in caplog.text
     assert ids[0, 0] == ours.bos_id and ids[0, -1] == ours.eos_id
 
 

@@ -30,10 +30,35 @@ DIFFUSERS_CLASS_OF = {name: cls for cls, name in DIFFUSERS_CLASS_NAMES.items()}
 
 KARRAS_CAPABLE = ("dpmpp_2m", "euler", "lms")
 
+# the AUTOMATIC1111 WebUI's sampler names (matched in any case) -> (sdrt's scheduler, Karras sigmas)
+WEBUI_SAMPLERS = {
+    "DDIM": ("ddim", False),
+    "PLMS": ("pndm", False),
+    "DPM++ 2M": ("dpmpp_2m", False),
+    "DPM++ 2M Karras": ("dpmpp_2m", True),
+    "Euler": ("euler", False),
+    "Euler a": ("euler_a", False),
+    "LMS": ("lms", False),
+    "LMS Karras": ("lms", True),
+}
+WEBUI_NAME_OF = {name: webui for webui, (name, karras) in WEBUI_SAMPLERS.items() if not karras}
+
 
 def default_scheduler_name(model_config: dict) -> str:
     """The model's own scheduler where sdrt has it, else dpmpp_2m."""
     return DIFFUSERS_CLASS_NAMES.get(model_config.get("_class_name", ""), "dpmpp_2m")
+
+
+def resolve_scheduler(name: str, karras: bool) -> tuple[str, bool]:
+    """sdrt's name, or a WebUI sampler name in any case ("dpm++ 2m karras") -> (sdrt's name, Karras sigmas)."""
+    key = " ".join(name.lower().split())
+    if key in SCHEDULERS:
+        return key, karras
+    for webui, (scheduler, webui_karras) in WEBUI_SAMPLERS.items():
+        if webui.lower() == key:
+            return scheduler, karras or webui_karras
+    raise SdrtError(f"--scheduler {name!r} is not supported: accepted values are {', '.join(SCHEDULERS)}, "
+                    f"or the WebUI's names {', '.join(WEBUI_SAMPLERS)} (any case)")
 
 
 def make_scheduler(name: str, model_config: dict, karras_sigmas: bool = False) -> Scheduler:

@@ -63,8 +63,8 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
             return (np.arange(0, num_steps + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg.steps_offset
         return np.arange(T, 0, -T / num_steps).round().astype(np.int64) - 1
 
-    def set_timesteps(self, num_steps: int) -> None:
-        check_steps(num_steps, self.config)
+    def _timesteps(self, num_steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (n,) timesteps and (n,) sigmas."""
         cfg = self.config
         timesteps = self._spaced(num_steps)
         sigma_table = karras_sigma_table(self.alphas_cumprod)
@@ -76,6 +76,17 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
                 timesteps = timesteps.round()
         else:
             sigmas = interp_sigmas(timesteps, sigma_table)
+        return timesteps, sigmas
+
+    def set_timesteps(self, num_steps: int) -> None:
+        check_steps(num_steps, self.config)
+        cfg = self.config
+        timesteps, sigmas = self._timesteps(num_steps)
+        if np.unique(timesteps).size < num_steps:  # a zero step: diffusers divides by it and returns NaN
+            most = next(n for n in range(num_steps - 1, 0, -1) if np.unique(self._timesteps(n)[0]).size == n)
+            raise SdrtError(f"--steps {num_steps}: dpmpp_2m repeats a timestep at this many steps with this model's "
+                            f"{cfg.timestep_spacing} spacing (its image would be NaN, as in diffusers); use at most {most}")
+        sigma_table = karras_sigma_table(self.alphas_cumprod)
         sigma_last = float(sigma_table[0]) if cfg.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)  # (n + 1,)
         self.timesteps = timesteps.astype(np.int64).astype(np.float32)
