@@ -16,9 +16,13 @@ native bf16 is bf16, so sdrt sets INFERENCE_PRECISION_HINT at load (the IR does 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
+import sys
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +88,20 @@ def _model_cache() -> Path | None:
     return folder
 
 
+@contextlib.contextmanager
+def _nncf() -> Iterator:
+    """NNCF, with its tables (logging), progress bars (rich, on stdout) and deprecation notes shown only
+    when sdrt runs with --verbose, and then on stderr: stdout is the command's own output."""
+    import nncf
+
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    nncf.set_log_level(logging.INFO if verbose else logging.ERROR)
+    with contextlib.redirect_stdout(sys.stderr if verbose else io.StringIO()), warnings.catch_warnings():
+        if not verbose:
+            warnings.simplefilter("ignore")
+        yield nncf
+
+
 class OpenVinoEngine:
     def __init__(self, request: ov.InferRequest, spec: ComponentSpec):
         self._request = request
@@ -136,26 +154,24 @@ class OpenVinoEngine:
 
     @staticmethod
     def _compress_weights(model: ov.Model, cfg: BuildConfig) -> ov.Model:
-        import nncf
-
-        ignored = nncf.IgnoredScope(patterns=list(cfg.int8_ignore), validate=False)
-        return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=ignored)
+        with _nncf() as nncf:
+            ignored = nncf.IgnoredScope(patterns=list(cfg.int8_ignore), validate=False)
+            return nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM, ignored_scope=ignored)
 
     @staticmethod
     def _quantize_hybrid(model: ov.Model, spec: ComponentSpec, cfg: BuildConfig, calibration: list[dict[str, np.ndarray]]) -> ov.Model:
-        import nncf
-
         if not calibration:
             raise SdrtError(f"int8 quantization of {spec.name} needs calibration inputs; none were recorded")
         matmuls = _weighted_matmuls(model)
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
-                                      ignored_scope=nncf.IgnoredScope(types=["Convolution"], patterns=list(cfg.int8_ignore), validate=False))
         alpha = -1 if cfg.smooth_quant_alpha is None else cfg.smooth_quant_alpha
-        return nncf.quantize(
-            model, nncf.Dataset(calibration), subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER,
-            ignored_scope=nncf.IgnoredScope(names=matmuls, patterns=list(cfg.int8_ignore), validate=False),
-            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=alpha),
-        )
+        with _nncf() as nncf:
+            model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM,
+                                          ignored_scope=nncf.IgnoredScope(types=["Convolution"], patterns=list(cfg.int8_ignore), validate=False))
+            return nncf.quantize(
+                model, nncf.Dataset(calibration), subset_size=len(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                ignored_scope=nncf.IgnoredScope(names=matmuls, patterns=list(cfg.int8_ignore), validate=False),
+                advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=alpha),
+            )
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:

@@ -94,7 +94,10 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
             hit = False
             break
         hashes.update(placed)
-    if not hit:
+    if hit:
+        log.info("export: the build cache has it (%s)", ", ".join(specs))
+    else:
+        log.info("loading the model's weights")
         modules = _load_modules(model_dir)
         for name, module in modules.items():
             log.info("exporting %s", name)
@@ -268,7 +271,9 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             keys[name] = key
             placed = cache.fetch(key, staging / name)
             hit = placed is not None
-            if not hit:
+            if hit:
+                log.info("%s engine: the build cache has it", name)
+            else:
                 if needs_calibration and calibration is None:
                     reference = reference or _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
                     log.info("recording U-Net inputs of %d prompts x %d steps at %dx%d for calibration", len(calibration_prompts),
@@ -276,7 +281,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
                     from .accuracy import record_unet_inputs
 
                     calibration = record_unet_inputs(reference, calibration_prompts, cfg.calibration_steps, reference_size)
-                log.info("building %s engine (%s, %s, %s)", name, cfg.backend, cfg.precision, cfg.device)
+                log.info("building the %s engine (%s, %s, %s)", name, cfg.backend, cfg.precision, cfg.device)
                 built = engine.build(staging / name / "model.onnx", spec, cfg, sizes, calibration if needs_calibration else None)
                 placed = cache.store(key, built)
             known.update(placed)
@@ -331,6 +336,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             "accuracy": accuracy,
             "files": hash_files(staging, [p for p in staging.rglob("*") if p.is_file()], known=known),
         }
+        log.info("writing %s", out)
         write_manifest(staging, manifest)
         _usual_permissions(staging)
         _publish(staging, out, overwrite)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -103,7 +104,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _grid(args: argparse.Namespace) -> None:
-    from .grid import tile
+    from .grid import labelled_grid
     from .image_io import check_writable, save_png
     from .pipeline import GenerateRequest, StableDiffusion
 
@@ -113,13 +114,16 @@ def _grid(args: argparse.Namespace) -> None:
     check_writable([output], args.overwrite)
     pipe = StableDiffusion.from_engine_folder(Path(args.engines), threads=usable_threads("--threads", args.threads))
     try:
-        images = [pipe.generate(GenerateRequest(prompt=p, seed=s, steps=args.steps, guidance=args.guidance), progress=False)[0]
-                  for p in args.prompt for s in range(args.seeds)]
+        requests = [[GenerateRequest(prompt=p, negative_prompt=args.negative_prompt, seed=s, steps=args.steps, guidance=args.guidance,
+                                     scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width)
+                     for s in range(args.seeds)] for p in args.prompt]
+        rows = [[pipe.generate(req, progress=False)[0].repeat(args.scale, axis=0).repeat(args.scale, axis=1) for req in row] for row in requests]
+        settings = pipe.settings(requests[0][0])
     finally:
         pipe.close()
-    grid = tile(images, columns=args.seeds).repeat(args.scale, axis=0).repeat(args.scale, axis=1)
-    save_png(grid, output, {"prompts": args.prompt, "seeds": list(range(args.seeds)), "rows": "prompts", "columns": "seeds"},
-             overwrite=args.overwrite)
+    grid = labelled_grid(rows, args.prompt, [f"seed {s}" for s in range(args.seeds)])
+    save_png(grid, output, {"prompts": args.prompt, "seeds": list(range(args.seeds)), "rows": "prompts", "columns": "seeds",
+                            "negative_prompt": args.negative_prompt, **dataclasses.asdict(settings)}, overwrite=args.overwrite)
     print(output)
 
 
@@ -229,6 +233,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--accuracy-steps", type=int, default=10, help="denoising steps of the accuracy check (default 10)")
     b.add_argument("--min-psnr", type=float, default=None, metavar="DB", help="fail the build if the image PSNR against fp32 is lower")
     b.add_argument("--no-cache", action="store_true", help="neither use nor fill the build cache ($SDRT_CACHE_DIR, default ~/.cache/sdrt)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     b.set_defaults(func=_build)
 
     g = sub.add_parser("generate", parents=[verbose], help="generate images with built engines")
@@ -256,8 +261,13 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("engines")
     r.add_argument("--prompt", action="append", required=True, help="repeat for more rows")
     r.add_argument("--seeds", type=int, default=4, help="columns: seeds 0 .. N-1 (default 4)")
+    r.add_argument("--negative-prompt", default="")
     r.add_argument("--steps", type=int, default=None)
     r.add_argument("--guidance", type=float, default=None)
+    r.add_argument("--scheduler", default=None, help="as for generate")
+    r.add_argument("--karras", action="store_true")
+    r.add_argument("--height", type=int, default=None)
+    r.add_argument("--width", type=int, default=None)
     r.add_argument("--scale", type=int, default=1, help="enlarge the grid by this integer factor (nearest neighbour)")
     r.add_argument("--output", required=True)
     r.add_argument("--overwrite", action="store_true")
@@ -315,8 +325,21 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(stop, handler)
 
 
+class _Format(logging.Formatter):
+    """Warnings as `sdrt: ...`; progress (info) with the seconds since the command started."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        elapsed = f"[{record.relativeCreated / 1000:6.1f} s] " if record.levelno == logging.INFO else ""
+        return f"sdrt: {elapsed}{record.getMessage()}"
+
+
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="sdrt: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_Format())
+    handler.addFilter(lambda record: args.verbose or record.name.startswith("sdrt"))  # other libraries' notes only with --verbose
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler], force=True)
+    if args.command == "build" and not args.quiet:
+        logging.getLogger("sdrt.exporters.build").setLevel(logging.INFO)  # a line per stage
     try:
         args.func(args)
     except SdrtError as exc:
