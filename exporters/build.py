@@ -325,6 +325,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             "model": {"source": str(model_dir.resolve()), **info.to_json()},
             "scheduler_config": scheduler_config,
             "defaults": defaults,
+            "works": extras.get("works"),
             "backend": {"name": cfg.backend, "version": engine.version(), "device": cfg.device, "compute": compute},
             "precision": cfg.precision,
             "build_options": cfg.cache_fields(),

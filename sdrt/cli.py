@@ -163,6 +163,8 @@ def _cache(args: argparse.Namespace) -> None:
 
 def _info(args: argparse.Namespace) -> None:
     from .manifest import engine_file, load_manifest, model_hash
+    from .pipeline import BUILTIN_DEFAULTS, describe_works
+    from .schedulers import default_scheduler_name
 
     manifest = load_manifest(Path(args.engines), verify=not args.no_verify)
     if args.json:
@@ -173,6 +175,12 @@ def _info(args: argparse.Namespace) -> None:
     print(f"model:       {model['source']}")
     print(f"             {model['prediction_type']} prediction, latents {model['latent_channels']} ch / VAE x{model['vae_scale_factor']}, "
           f"default {model['default_width']}x{model['default_height']}, text {model['text_max_length']} tokens x {model['text_hidden_size']}")
+    defaults = {**BUILTIN_DEFAULTS, **manifest.get("defaults", {})}
+    print(f"recommended: {defaults.get('width', model['default_width'])}x{defaults.get('height', model['default_height'])}, "
+          f"{defaults['steps']} steps, guidance {defaults['guidance']:g}, scheduler "
+          f"{defaults.get('scheduler') or default_scheduler_name(manifest['scheduler_config'])} (what `sdrt generate` uses unless told otherwise)")
+    if manifest.get("works"):
+        print(f"draws well:  {describe_works(manifest['works'])} (the model card's range; generate warns outside it)")
     print(f"scheduler:   {manifest['scheduler_config'].get('_class_name', '?')} "
           f"({manifest['scheduler_config'].get('timestep_spacing', '?')} spacing)")
     compute = f", float arithmetic in {backend['compute']}" if backend.get("compute") else ""

@@ -61,6 +61,19 @@ class Settings:
     width: int
 
 
+def describe_works(works: dict) -> str:
+    parts = []
+    if "schedulers" in works:
+        parts.append("/".join(works["schedulers"]))
+    if "min_steps" in works:
+        parts.append(f">= {works['min_steps']} steps")
+    if "guidance" in works:
+        parts.append(f"guidance {works['guidance'][0]:g} .. {works['guidance'][1]:g}")
+    if "sizes" in works:
+        parts.append(" or ".join(f"{h}x{w}" for h, w in works["sizes"]))
+    return ", ".join(parts)
+
+
 class StableDiffusion:
     def __init__(self, info: ModelInfo, scheduler_config: dict, tokenizer: CLIPTokenizer, engines: Mapping[str, Engine],
                  defaults: dict | None = None, static_shape: dict | None = None):
@@ -71,6 +84,7 @@ class StableDiffusion:
         self.defaults = defaults or {}
         self.static_shape = static_shape
         self.manifest: dict | None = None
+        self.works: dict | None = None  # the model card's working range (sdrt.json "works"), where it has one
 
     @classmethod
     def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: bool = True) -> "StableDiffusion":
@@ -91,6 +105,7 @@ class StableDiffusion:
         pipe = cls(info, manifest["scheduler_config"], CLIPTokenizer(engine_dir / "tokenizer"), engines,
                    manifest.get("defaults"), manifest.get("static_shape"))
         pipe.manifest = manifest
+        pipe.works = manifest.get("works")
         return pipe
 
     def close(self) -> None:
@@ -129,6 +144,19 @@ class StableDiffusion:
                                 f"--num-images {want['batch']}, guidance > 1; generate with those or rebuild without --static-shape")
         return s
 
+    def _outside_works(self, s: Settings) -> list[str]:
+        """What in these settings leaves the model's working range (empty without one)."""
+        works, problems = self.works or {}, []
+        if "schedulers" in works and s.scheduler not in works["schedulers"]:
+            problems.append(f"--scheduler {s.scheduler} is not one the model was checked with")
+        if "min_steps" in works and s.steps < works["min_steps"]:
+            problems.append(f"--steps {s.steps} is fewer than the model needs")
+        if "guidance" in works and not works["guidance"][0] <= s.guidance <= works["guidance"][1]:
+            problems.append(f"--guidance {s.guidance:g} is outside the range the model was checked at")
+        if "sizes" in works and [s.height, s.width] not in works["sizes"]:
+            problems.append(f"{s.height}x{s.width} is not a size the model was trained at")
+        return problems[:1]  # one warning is enough to send the user to the card
+
     def _encode_text(self, prompts: list[str]) -> np.ndarray:
         ids = self.tokenizer(prompts).astype(np.int64)  # (P, S)
         return self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (P, S, D) float32
@@ -138,6 +166,8 @@ class StableDiffusion:
         s = self.settings(req)
         scheduler = make_scheduler(s.scheduler, self.scheduler_config, karras_sigmas=s.karras)
         scheduler.set_timesteps(s.steps)
+        for problem in self._outside_works(s):
+            log.warning("%s; this model's card says it draws well with %s", problem, describe_works(self.works))
         if s.guidance > USEFUL_GUIDANCE:
             log.warning("--guidance %g is far above where guidance helps (about 1 .. %g): expect a saturated or flat image",
                         s.guidance, USEFUL_GUIDANCE)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -58,3 +59,31 @@ def test_generate_alone_uses_the_models_defaults(engines, tmp_path):
     meta = read_metadata(out)
     assert (meta["height"], meta["width"], meta["steps"], meta["guidance"], meta["scheduler"]) == (
         defaults["height"], defaults["width"], defaults["steps"], defaults["guidance"], defaults["scheduler"])
+    assert "draws well" not in result.stderr  # the defaults are inside the card's range: no warning
+
+
+def test_info_and_generate_tell_where_the_model_draws_well(engines, tmp_path):
+    works = json.loads((MODEL / "sdrt.json").read_text())["works"]
+    info = subprocess.run([sys.executable, "-m", "sdrt.cli", "info", engines], capture_output=True, text=True)
+    assert "recommended: 64x64, 20 steps, guidance 5, scheduler dpmpp_2m" in info.stdout and "draws well:  " in info.stdout
+    outside = next(s for s in ("ddim", "pndm", "lms") if s not in works["schedulers"])
+    result = subprocess.run([sys.executable, "-m", "sdrt.cli", "generate", engines, "--prompt", "a red circle on a white background",
+                             "--scheduler", outside, "--steps", "4", "--output", tmp_path / "o.png", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr.count("this model's card says it draws well with") == 1, result.stderr
+
+
+def test_grid_is_labelled(engines, tmp_path):
+    from PIL import Image
+
+    prompts = ["a red circle on a white background", "a large blue square on a gray background"]
+    out = tmp_path / "grid.png"
+    result = subprocess.run([sys.executable, "-m", "sdrt.cli", "grid", engines, *[a for p in prompts for a in ("--prompt", p)], "--seeds", "2",
+                             "--scheduler", "Euler a", "--negative-prompt", "blurry", "--output", out], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    assert grid.shape == (18 + 2 * (18 + 64 + 2), 2 * 64 + 2, 3)
+    for top in (0, 18 + 64 + 2):  # the label strips above each row and the seed strip hold dark text on white
+        strip = grid[top : top + 18]
+        assert (strip < 100).any() and (strip == 255).mean() > 0.5
+    meta = read_metadata(out)
+    assert meta["prompts"] == prompts and meta["scheduler"] == "euler_a" and meta["negative_prompt"] == "blurry"
