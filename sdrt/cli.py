@@ -314,9 +314,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+_handler_pid = os.getpid()  # the process that installed _stop (main() sets it)
+
+
 def _stop(signum: int, frame) -> None:
     """Ctrl-C or SIGTERM: delete what this run was writing and end at once. (An exception raised here
-    could land inside a native library's frame and abort the process instead.)"""
+    could land inside a native library's frame and abort the process instead.) A forked worker of some
+    library inherits this handler: there it ends the worker as the signal would, touching nothing."""
+    if os.getpid() != _handler_pid:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
     remove_temporaries()
     print("sdrt: interrupted", file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -324,7 +332,9 @@ def _stop(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _handler_pid
     args = _parser().parse_args(argv)
+    _handler_pid = os.getpid()
     previous = {stop: signal.signal(stop, _stop) for stop in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args)

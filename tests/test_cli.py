@@ -150,7 +150,8 @@ def test_cache_shows_and_clears_what_builds_and_loads_left(tiny_models, tmp_path
     built = sdrt("build", tiny_models["sd1"], "--out", engines, "--backend", "openvino", "--accuracy-prompts", "0", cache_dir=cache)
     assert built.returncode == 0, built.stderr
     progress = built.stderr.splitlines()  # a line per stage with its time, and no other library's notes
-    assert all(line.startswith("sdrt: [") for line in progress) and "exporting unet" in built.stderr and "writing" in progress[-1]
+    assert all(line.startswith("sdrt: [") for line in progress), built.stderr
+    assert "exporting unet" in built.stderr and "writing" in progress[-1]
     first = sdrt("generate", engines, "--prompt", "a red circle", "--output", tmp_path / "a.png", "--steps", "3", cache_dir=cache)
     assert first.returncode == 0, first.stderr
     shown = sdrt("cache", cache_dir=cache)

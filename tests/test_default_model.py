@@ -82,7 +82,7 @@ def test_grid_is_labelled(engines, tmp_path):
     assert result.returncode == 0, result.stderr
     grid = np.asarray(Image.open(out).convert("RGB"))
     assert grid.shape == (18 + 2 * (18 + 64 + 2), 2 * 64 + 2, 3)
-    for top in (0, 18 + 64 + 2):  # the label strips above each row and the seed strip hold dark text on white
+    for top in (0, 18, 18 + 18 + 64 + 2):  # the seed strip and the label strip above each row: dark text on white
         strip = grid[top : top + 18]
         assert (strip < 100).any() and (strip == 255).mean() > 0.5
     meta = read_metadata(out)
