@@ -16,7 +16,7 @@ from . import __version__
 from .cpu import usable_threads
 from .errors import SdrtError
 from .files import remove_temporaries
-from .noise import NOISE_KINDS
+from .noise import BATCH_NOISE, NOISE_KINDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,7 +87,7 @@ def _generate(args: argparse.Namespace) -> None:
     req = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
-        num_images=args.num_images, noise=args.noise,
+        num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise,
     )
     if str(req.seed) != args.seed.strip():
         print(f"seed: {req.seed}", file=sys.stderr)
@@ -258,6 +258,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--noise", default="torch", choices=NOISE_KINDS, help="torch: same noise as torch.randn for a seed (default)")
+    g.add_argument("--batch-noise", default="shared", choices=BATCH_NOISE,
+                   help="shared: one generator for all --num-images (diffusers' way, default); per-image: image i uses seed + i "
+                        "(the WebUI's way: each image can be made again alone)")
     g.add_argument("--output", required=True, help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--device", default=None, help="default: the device the engines were built for")

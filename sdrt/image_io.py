@@ -55,9 +55,9 @@ def webui_parameters(meta: dict[str, Any]) -> str:
     """A generation's parameters in the WebUI's infotext format (prompt, negative prompt, then key: value pairs)."""
     lines = [meta["prompt"]] + ([f"Negative prompt: {meta['negative_prompt']}"] if meta["negative_prompt"] else [])
     fields = {"Steps": meta["steps"], "Sampler": WEBUI_NAME_OF.get(meta["scheduler"], meta["scheduler"]),
-              "Schedule type": "Karras" if meta["karras_sigmas"] else None, "CFG scale": meta["guidance"], "Seed": meta["seed"],
+              "Schedule type": "Karras" if meta["karras_sigmas"] else None, "CFG scale": meta["guidance"], "Seed": meta["image_seed"] or meta["seed"],
               "Size": f"{meta['width']}x{meta['height']}", "Model hash": meta["model_hash"]}
-    if meta["num_images"] > 1:  # one generator draws the whole batch (diffusers' convention): the seed alone is not enough
+    if meta["num_images"] > 1 and meta["image_seed"] is None:  # one generator drew the whole batch: the seed alone is not enough
         fields.update({"Batch size": meta["num_images"], "Batch pos": meta["image_index"]})
     fields["Version"] = f"sdrt {__version__}"
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])

@@ -78,6 +78,30 @@ class NumpyNoise:
         return self._rng.standard_normal(shape, dtype=np.float32)
 
 
+class PerImageNoise:
+    """Image i of a batch drawn from its own generator seeded seed + i (the AUTOMATIC1111 WebUI's way),
+    so that each image can be made again alone."""
+
+    def __init__(self, generators: list):
+        self._generators = generators
+
+    def randn(self, shape: tuple[int, ...]) -> np.ndarray:
+        """shape: (n, ...) with n the number of generators."""
+        return np.concatenate([g.randn((1, *shape[1:])) for g in self._generators])
+
+
+BATCH_NOISE = ("shared", "per-image")
+
+
+def make_batch_noise(kind: str, seed: int, mode: str, images: int) -> TorchCompatibleNoise | NumpyNoise | PerImageNoise:
+    """shared: one generator for the whole batch (diffusers' way, the default); per-image: seed + i for image i."""
+    if mode == "shared":
+        return make_noise(kind, seed)
+    if mode == "per-image":
+        return PerImageNoise([make_noise(kind, seed + i) for i in range(images)])
+    raise SdrtError(f"--batch-noise {mode!r} is not supported: accepted values are {', '.join(BATCH_NOISE)}")
+
+
 def make_noise(kind: str, seed: int) -> TorchCompatibleNoise | NumpyNoise:
     if kind == "torch":
         return TorchCompatibleNoise(seed)

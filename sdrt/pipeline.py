@@ -23,7 +23,7 @@ from .errors import SdrtError
 from .manifest import load_manifest, model_hash, verify_files
 from .memory import attention_bytes, check_fits
 from .model_info import ModelInfo
-from .noise import make_noise
+from .noise import make_batch_noise
 from .schedulers import default_scheduler_name, make_scheduler, resolve_scheduler
 from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
 
@@ -47,6 +47,7 @@ class GenerateRequest:
     width: int | None = None
     num_images: int = 1
     noise: str = "torch"
+    batch_noise: str = "shared"  # shared: one generator for the batch (diffusers); per-image: image i uses seed + i
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,7 @@ class StableDiffusion:
         if s.guidance > USEFUL_GUIDANCE:
             log.warning("--guidance %g is far above where guidance helps (about 1 .. %g): expect a saturated or flat image",
                         s.guidance, USEFUL_GUIDANCE)
-        noise = make_noise(req.noise, req.seed)
+        noise = make_batch_noise(req.noise, req.seed, req.batch_noise, req.num_images)
         n = req.num_images
         guided = s.guidance > 1.0
         f = self.info.vae_scale_factor
@@ -224,6 +225,8 @@ class StableDiffusion:
             "image_index": index,
             "num_images": req.num_images,
             "noise": req.noise,
+            "batch_noise": req.batch_noise,
+            "image_seed": req.seed + index if req.batch_noise == "per-image" else None,  # alone with --num-images 1, this seed
             "height": s.height,
             "width": s.width,
             "model_hash": model_hash(manifest) if manifest else None,

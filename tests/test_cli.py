@@ -205,3 +205,16 @@ def test_small_first_hour_bugs(tiny_engines, tmp_path):
     shutil.copytree(engines, copy)
     (copy / "unet" / "model.cpu-optimized.onnx").unlink()  # was: a silent fall-back to the unoptimised graph
     assert_clean_error(sdrt("generate", copy, "--prompt", "x", "--output", tmp_path / "m.png"), "model.cpu-optimized.onnx is missing", "rebuild")
+
+
+def test_per_image_batch_noise_makes_every_image_reproducible_alone(tiny_engines, tmp_path):
+    from PIL import Image
+
+    common = ["generate", tiny_engines["sd1"], "--prompt", "a red circle", "--steps", "3", "--scheduler", "euler_a", "--quiet"]
+    assert sdrt(*common, "--seed", "5", "--num-images", "3", "--batch-noise", "per-image", "--output", tmp_path / "b.png").returncode == 0
+    assert sdrt(*common, "--seed", "7", "--output", tmp_path / "alone.png").returncode == 0
+    meta = read_metadata(tmp_path / "b-2.png")
+    assert meta["image_seed"] == 7 and meta["batch_noise"] == "per-image"
+    with Image.open(tmp_path / "b-2.png") as batch, Image.open(tmp_path / "alone.png") as alone:
+        assert np.array_equal(np.asarray(batch), np.asarray(alone))  # euler_a: the step noise is per image too
+        assert "Seed: 7," in batch.text["parameters"] and "Batch pos" not in batch.text["parameters"]
