@@ -87,7 +87,7 @@ def _generate(args: argparse.Namespace) -> None:
     req = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
-        num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise,
+        num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise, long_prompts=args.long_prompts,
     )
     if str(req.seed) != args.seed.strip():
         print(f"seed: {req.seed}", file=sys.stderr)
@@ -261,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-noise", default="shared", choices=BATCH_NOISE,
                    help="shared: one generator for all --num-images (diffusers' way, default); per-image: image i uses seed + i "
                         "(the WebUI's way: each image can be made again alone)")
+    g.add_argument("--long-prompts", default="truncate", help="truncate (default, as diffusers) or chunk: prompts past the text "
+                   "encoder's length in chunks of 75 tokens, their embeddings concatenated (the WebUI's way)")
     g.add_argument("--output", required=True, help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--device", default=None, help="default: the device the engines were built for")
@@ -358,9 +360,21 @@ def _run(args: argparse.Namespace) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_Format())
     handler.addFilter(lambda record: args.verbose or record.name.startswith("sdrt"))  # other libraries' notes only with --verbose
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, handlers=[handler], force=True)
+    root, stages = logging.getLogger(), logging.getLogger("sdrt.exporters.build")
+    levels = (root.level, stages.level)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.command == "build" and not args.quiet:
-        logging.getLogger("sdrt.exporters.build").setLevel(logging.INFO)  # a line per stage
+        stages.setLevel(logging.INFO)  # a line per stage
+    try:
+        return _call(args)
+    finally:  # as it was: main() may run inside another program (tests do)
+        root.removeHandler(handler)
+        root.setLevel(levels[0])
+        stages.setLevel(levels[1])
+
+
+def _call(args: argparse.Namespace) -> int:
     try:
         args.func(args)
     except SdrtError as exc:

@@ -30,6 +30,7 @@ from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
 log = logging.getLogger(__name__)
 
 TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+LONG_PROMPTS = ("truncate", "chunk")
 USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
 BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
 
@@ -48,6 +49,7 @@ class GenerateRequest:
     num_images: int = 1
     noise: str = "torch"
     batch_noise: str = "shared"  # shared: one generator for the batch (diffusers); per-image: image i uses seed + i
+    long_prompts: str = "truncate"  # truncate (as diffusers) or chunk (the WebUI's 75-token chunks, embeddings concatenated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +138,10 @@ class StableDiffusion:
                 raise SdrtError(f"{option} {value} is not accepted: it must be a positive multiple of {f} (the VAE scale factor)")
         if req.num_images < 1:
             raise SdrtError(f"--num-images {req.num_images} must be >= 1")
+        if req.long_prompts not in LONG_PROMPTS:
+            raise SdrtError(f"--long-prompts {req.long_prompts!r} is not supported: accepted values are {', '.join(LONG_PROMPTS)}")
+        if req.long_prompts == "chunk" and self.static_shape:
+            raise SdrtError("--long-prompts chunk needs engines with a dynamic text length; these were built with --static-shape")
         if not np.isfinite(s.guidance) or s.guidance < 0:
             raise SdrtError(f"--guidance {s.guidance} must be a finite number >= 0")
         if self.static_shape:
@@ -158,9 +164,17 @@ class StableDiffusion:
             problems.append(f"{s.height}x{s.width} is not a size the model was trained at")
         return problems[:1]  # one warning is enough to send the user to the card
 
-    def _encode_text(self, prompts: list[str]) -> np.ndarray:
-        ids = self.tokenizer(prompts).astype(np.int64)  # (P, S)
-        return self.engines["text_encoder"].run({"input_ids": ids})["last_hidden_state"]  # (P, S, D) float32
+    def _encode_text(self, prompts: list[str], long_prompts: str) -> np.ndarray:
+        """-> (P, S, D) float32; with `chunk`, S is k x the encoder's length, k the most chunks any prompt needs."""
+        encoder = self.engines["text_encoder"]
+        if long_prompts == "truncate":
+            return encoder.run({"input_ids": self.tokenizer(prompts).astype(np.int64)})["last_hidden_state"]
+        chunks = [self.tokenizer.chunks(p) for p in prompts]  # (k_p, S) each
+        k = max(len(c) for c in chunks)
+        empty = self.tokenizer.chunks("")
+        ids = np.concatenate([np.concatenate([c, *[empty] * (k - len(c))]) for c in chunks]).astype(np.int64)  # (P k, S)
+        hidden = encoder.run({"input_ids": ids})["last_hidden_state"]  # (P k, S, D)
+        return hidden.reshape(len(prompts), k * hidden.shape[1], hidden.shape[2])
 
     def generate(self, req: GenerateRequest, progress: bool = True) -> list[np.ndarray]:
         """-> num_images arrays (H, W, 3) uint8."""
@@ -181,10 +195,10 @@ class StableDiffusion:
 
         # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D)
         if guided:
-            negative, positive = self._encode_text([req.negative_prompt, req.prompt])
+            negative, positive = self._encode_text([req.negative_prompt, req.prompt], req.long_prompts)
             context = np.concatenate([np.repeat(negative[None], n, 0), np.repeat(positive[None], n, 0)])
         else:
-            context = np.repeat(self._encode_text([req.prompt]), n, 0)
+            context = np.repeat(self._encode_text([req.prompt], req.long_prompts), n, 0)
 
         shape = (n, self.info.latent_channels, s.height // f, s.width // f)
         latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)  # (n, C, h, w) float32
@@ -226,6 +240,7 @@ class StableDiffusion:
             "num_images": req.num_images,
             "noise": req.noise,
             "batch_noise": req.batch_noise,
+            "long_prompts": req.long_prompts,
             "image_seed": req.seed + index if req.batch_noise == "per-image" else None,  # alone with --num-images 1, this seed
             "height": s.height,
             "width": s.width,

@@ -3,7 +3,6 @@ transformers' `CLIPTokenizer` configures it, from a model's `vocab.json` + `merg
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
 from .errors import SdrtError
+from .model_info import read_json
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +34,6 @@ def _token_text(value) -> str:
     return value["content"] if isinstance(value, dict) else str(value)
 
 
-def _read_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SdrtError(f"tokenizer file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise SdrtError(f"tokenizer file {path} must hold a JSON object")
-    return data
-
-
 class CLIPTokenizer:
     def __init__(self, folder: Path):
         for name in ("vocab.json", "merges.txt"):
@@ -52,7 +42,7 @@ class CLIPTokenizer:
         settings = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             if (folder / name).is_file():
-                settings.update(_read_object(folder / name))
+                settings.update(read_json(folder / name))
         self.bos = _token_text(settings.get("bos_token", "<|startoftext|>"))
         self.eos = _token_text(settings.get("eos_token", "<|endoftext|>"))
         unk = _token_text(settings.get("unk_token", "<|endoftext|>"))
@@ -64,7 +54,7 @@ class CLIPTokenizer:
         if self.max_length > 10_000:  # transformers' "no limit" sentinel; CLIP encoders take 77
             self.max_length = 77
 
-        vocab = _read_object(folder / "vocab.json")
+        vocab = read_json(folder / "vocab.json")
         try:
             merges = [tuple(line.split()) for line in (folder / "merges.txt").read_text(encoding="utf-8").split("\n")
                       if line and not line.startswith("#version")]
@@ -80,6 +70,18 @@ class CLIPTokenizer:
         if None in (self.bos_id, self.eos_id, self.pad_id):
             raise SdrtError(f"tokenizer in {folder}: special tokens {self.bos!r}, {self.eos!r}, {self.pad!r} must be in vocab.json")
 
+    def chunks(self, prompt: str) -> np.ndarray:
+        """The AUTOMATIC1111 WebUI's long prompts: -> (k, max_length) int32, the tokens cut into chunks of
+        max_length - 2, each with bos, eos and padding (k >= 1; without its comma backtracking and
+        emphasis weights)."""
+        room = self.max_length - 2
+        tokens = self._tok.encode(prompt, add_special_tokens=False).ids
+        pieces = [tokens[i : i + room] for i in range(0, len(tokens), room)] or [[]]
+        ids = np.full((len(pieces), self.max_length), self.pad_id, dtype=np.int32)
+        for row, piece in enumerate(pieces):
+            ids[row, : len(piece) + 2] = [self.bos_id, *piece, self.eos_id]
+        return ids
+
     def __call__(self, prompts: list[str]) -> np.ndarray:
         """-> (len(prompts), max_length) int32: bos, tokens, eos, padding; over-long prompts truncated."""
         ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)
@@ -88,8 +90,8 @@ class CLIPTokenizer:
             tokens = encoding.ids
             if len(tokens) > room:
                 dropped = prompts[row][encoding.offsets[room][0]:]
-                log.warning("prompt is %d tokens long; the text encoder takes %d, so this end of it was dropped: %r",
-                            len(tokens), room, dropped)
+                log.warning("prompt is %d tokens long; the text encoder takes %d, so this end of it was dropped: %r "
+                            "(--long-prompts chunk keeps it)", len(tokens), room, dropped)
                 tokens = tokens[:room]
             ids[row, : len(tokens) + 2] = [self.bos_id, *tokens, self.eos_id]
         return ids

@@ -285,7 +285,7 @@ def test_broken_model_configs(tiny_models, tmp_path, capsys, folder, changes, fr
     shutil.copytree(tiny_models["sd1"], model)
     config = model / folder / ("scheduler_config.json" if folder == "scheduler" else "config.json")
     _edit_json(config, **changes)
-    assert main(["build", str(model), "--out", str(tmp_path / "E")]) == 2
+    assert main(["build", str(model), "--out", str(tmp_path / "E"), "--quiet"]) == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("sdrt: error: ") and "\n" not in line and all(f in line for f in fragments), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
@@ -301,7 +301,7 @@ def test_a_pickle_is_refused_and_never_run(tiny_models, tmp_path, capsys):
     payload = f"import os, pickle\nclass P:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n" \
               f"pickle.dump({{'w': P()}}, open('{model / 'unet' / 'diffusion_pytorch_model.bin'}', 'wb'))\n"
     subprocess.run([sys.executable, "-c", payload], check=True)
-    assert main(["build", str(model), "--out", str(tmp_path / "E"), "--no-cache"]) == 2
+    assert main(["build", str(model), "--out", str(tmp_path / "E"), "--no-cache", "--quiet"]) == 2
     line = capsys.readouterr().err.strip()
     assert line.startswith("sdrt: error: ") and "\n" not in line, line
     assert "unet/diffusion_pytorch_model.bin" in line and "never runs code" in line
@@ -376,7 +376,7 @@ def test_build_targets_that_cannot_be_written(tiny_models, tmp_path, capsys):
     with tmpfs(tmp_path / "ro", "64k", read_only=True) as read_only, tmpfs(tmp_path / "full", "200k") as full:
         cases += [([str(read_only / "E")], "Read-only file system"), ([str(full / "E"), "--no-cache"], "No space left on device")]
         for args, fragment in cases:
-            assert main(["build", model, "--accuracy-prompts", "0", "--out", *args]) == 2
+            assert main(["build", model, "--accuracy-prompts", "0", "--quiet", "--out", *args]) == 2
             line = capsys.readouterr().err.strip()
             assert line.startswith("sdrt: error: ") and "\n" not in line and fragment in line, line
         assert list(full.iterdir()) == []

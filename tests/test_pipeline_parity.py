@@ -83,3 +83,38 @@ def test_zero_terminal_snr_model_matches_diffusers(scheduler, tiny_models, tmp_p
     pipe.close()
     assert expected.std() > 2
     assert psnr(got, expected) >= MIN_PSNR, psnr(got, expected)
+
+
+@pytest.mark.slow
+def test_chunked_long_prompts_match_diffusers_given_the_same_embeddings(tiny_engines, tiny_models, reference_pipes):
+    """--long-prompts chunk against diffusers fed the WebUI-style embeddings computed with transformers:
+    each 75-token chunk with bos/eos/padding through the text encoder, concatenated along the sequence;
+    the shorter prompt padded with empty chunks."""
+    ref = reference_pipes["sd1"]
+    prompt = ", ".join(["a lighthouse at dusk", "stormy sea", "dramatic clouds", "oil painting"] * 12)  # 3 chunks
+    negative = "blurry"
+    tok, encoder = ref.tokenizer, ref.text_encoder
+    room = tok.model_max_length - 2
+
+    def chunks(text: str) -> list[list[int]]:
+        ids = tok(text, add_special_tokens=False).input_ids
+        pieces = [ids[i : i + room] for i in range(0, len(ids), room)] or [[]]
+        return [[tok.bos_token_id, *p, tok.eos_token_id] + [tok.pad_token_id] * (room - len(p)) for p in pieces]
+
+    pos, neg = chunks(prompt), chunks(negative)
+    assert len(pos) >= 3
+    neg += chunks("") * (len(pos) - len(neg))
+    with torch.no_grad():
+        embed = [encoder(torch.tensor(c))[0].reshape(1, -1, encoder.config.hidden_size) for c in (pos, neg)]
+    expected = ref(prompt_embeds=embed[0], negative_prompt_embeds=embed[1], num_inference_steps=10, guidance_scale=7.5,
+                   generator=torch.Generator().manual_seed(3), output_type="np").images[0]
+    expected = (expected * 255).round().astype(np.uint8)
+    pipe = StableDiffusion.from_engine_folder(tiny_engines["sd1"])
+    try:
+        request = GenerateRequest(prompt=prompt, negative_prompt=negative, steps=10, guidance=7.5, seed=3, long_prompts="chunk")
+        got = pipe.generate(request, progress=False)[0]
+        truncated = pipe.generate(GenerateRequest(**{**request.__dict__, "long_prompts": "truncate"}), progress=False)[0]
+    finally:
+        pipe.close()
+    assert expected.std() > 2 and psnr(got, expected) >= MIN_PSNR, psnr(got, expected)
+    assert psnr(truncated, expected) < MIN_PSNR  # the chunks beyond the first change the image

@@ -82,9 +82,9 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
         check_steps(num_steps, self.config)
         cfg = self.config
         timesteps, sigmas = self._timesteps(num_steps)
-        if np.unique(timesteps).size < num_steps:  # a zero step: diffusers divides by it and returns NaN
-            most = next(n for n in range(num_steps - 1, 0, -1) if np.unique(self._timesteps(n)[0]).size == n)
-            raise SdrtError(f"--steps {num_steps}: dpmpp_2m repeats a timestep at this many steps with this model's "
+        if np.unique(sigmas).size < num_steps:  # a zero step: diffusers divides by it and returns NaN
+            most = next(n for n in range(num_steps - 1, 0, -1) if np.unique(self._timesteps(n)[1]).size == n)
+            raise SdrtError(f"--steps {num_steps}: dpmpp_2m repeats a noise level at this many steps with this model's "
                             f"{cfg.timestep_spacing} spacing (its image would be NaN, as in diffusers); use at most {most}")
         sigma_table = karras_sigma_table(self.alphas_cumprod)
         sigma_last = float(sigma_table[0]) if cfg.final_sigmas_type == "sigma_min" else 0.0
