@@ -91,6 +91,7 @@ def test_chunked_long_prompts_match_diffusers_given_the_same_embeddings(tiny_eng
     each 75-token chunk with bos/eos/padding through the text encoder, concatenated along the sequence;
     the shorter prompt padded with empty chunks."""
     ref = reference_pipes["sd1"]
+    ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF["dpmpp_2m"]).from_config(ref.scheduler.config)  # other tests change it
     prompt = ", ".join(["a lighthouse at dusk", "stormy sea", "dramatic clouds", "oil painting"] * 12)  # 3 chunks
     negative = "blurry"
     tok, encoder = ref.tokenizer, ref.text_encoder
@@ -111,7 +112,8 @@ def test_chunked_long_prompts_match_diffusers_given_the_same_embeddings(tiny_eng
     expected = (expected * 255).round().astype(np.uint8)
     pipe = StableDiffusion.from_engine_folder(tiny_engines["sd1"])
     try:
-        request = GenerateRequest(prompt=prompt, negative_prompt=negative, steps=10, guidance=7.5, seed=3, long_prompts="chunk")
+        request = GenerateRequest(prompt=prompt, negative_prompt=negative, steps=10, guidance=7.5, seed=3, scheduler="dpmpp_2m",
+                                  long_prompts="chunk")
         got = pipe.generate(request, progress=False)[0]
         truncated = pipe.generate(GenerateRequest(**{**request.__dict__, "long_prompts": "truncate"}), progress=False)[0]
     finally:
