@@ -1,11 +1,11 @@
 """Refuse, before any work, a request the machine cannot hold.
 
 Checked once the engines are loaded (their weights are then already taken from what is available):
-what the run still needs is at least its largest attention-score tensor, (B, T, T) float32 with T
-the latent pixels (H/f x W/f), counted with one head.
-Every SD U-Net has self-attention at a resolution where T is at least that of its first attention
-level, and the VAE decoder's mid block attends over all T latent pixels; both grow with T^2, which is
-what makes 4096x4096 impossible on a desktop long before anything else does.
+what the run still needs is at least the VAE decoder's mid-block attention scores, (1, T, T)
+float32 with T the latent pixels (H/f x W/f): every Stable Diffusion VAE attends over all of them
+at once, and T^2 is what makes 4096x4096 impossible on a desktop long before anything else does.
+The U-Net's attention is larger still (a batch of 2 with guidance, several heads) but is not
+counted: where its first attention level sits differs between models.
 """
 
 from __future__ import annotations
@@ -39,13 +39,13 @@ def available_bytes() -> int | None:
     return available
 
 
-def attention_bytes(latent_pixels: int, unet_batch: int) -> int:
-    """The attention scores of the U-Net's batch (one head) or of the VAE decoder's mid block (batch 1)."""
-    return max(unet_batch, 1) * latent_pixels**2 * 4
+def attention_bytes(latent_pixels: int) -> int:
+    """The VAE decoder's mid-block attention scores: (1, T, T) float32."""
+    return latent_pixels**2 * 4
 
 
 def check_fits(need: int, what: str) -> None:
     available = available_bytes()
     if available is not None and need > available:
         raise SdrtError(f"{what} needs at least {need / GIB:.1f} GiB more memory (its attention scores alone), and this machine "
-                        f"has {available / GIB:.1f} GiB available with the engines loaded; ask for a smaller --height/--width or --num-images")
+                        f"has {available / GIB:.1f} GiB available with the engines loaded; ask for a smaller --height/--width")

@@ -190,8 +190,7 @@ class StableDiffusion:
         n = req.num_images
         guided = s.guidance > 1.0
         f = self.info.vae_scale_factor
-        latent_pixels = (s.height // f) * (s.width // f)
-        check_fits(attention_bytes(latent_pixels, 2 * n if guided else n), f"{s.height}x{s.width} with {n} image(s) per run")
+        check_fits(attention_bytes((s.height // f) * (s.width // f)), f"{s.height}x{s.width}")
 
         # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D)
         if guided:
