@@ -93,7 +93,8 @@ def _generate(args: argparse.Namespace) -> None:
         print(f"seed: {req.seed}", file=sys.stderr)
     paths = output_paths(Path(args.output), args.num_images)
     check_writable(paths, args.overwrite)
-    pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads))
+    pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads),
+                                              verify=args.verify)
     try:
         images = pipe.generate(req, progress=not args.quiet)
         for index, (image, path) in enumerate(zip(images, paths)):
@@ -112,7 +113,7 @@ def _grid(args: argparse.Namespace) -> None:
         raise SdrtError("--seeds and --scale must be >= 1")
     output = Path(args.output)
     check_writable([output], args.overwrite)
-    pipe = StableDiffusion.from_engine_folder(Path(args.engines), threads=usable_threads("--threads", args.threads))
+    pipe = StableDiffusion.from_engine_folder(Path(args.engines), threads=usable_threads("--threads", args.threads), verify=args.verify)
     try:
         requests = [[GenerateRequest(prompt=p, negative_prompt=args.negative_prompt, seed=s, steps=args.steps, guidance=args.guidance,
                                      scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width)
@@ -268,6 +269,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="default: the device the engines were built for")
     g.add_argument("--threads", type=int, default=0, help="inference threads (0: all cores)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--verify", default="changed", help="always: hash every engine file loaded; changed (default): only files "
+                   "changed since this user last verified them; never: trust the folder")
     g.set_defaults(func=_generate)
 
     r = sub.add_parser("grid", parents=[verbose], help="one picture: a row per prompt, a column per seed (0, 1, ...)")
@@ -285,6 +288,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--output", required=True)
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--threads", type=int, default=0)
+    r.add_argument("--verify", default="changed", help="as for generate")
     r.set_defaults(func=_grid)
 
     bn = sub.add_parser("bench", parents=[verbose], help="time backends x precisions against the diffusers baseline")

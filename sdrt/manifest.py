@@ -63,16 +63,23 @@ def engine_file(root: Path, rel: str) -> Path:
     return file
 
 
-def verify_files(root: Path, manifest: dict[str, Any], paths: list[Path] | None = None) -> None:
-    """Check the hashes of `paths` (default: every file the manifest lists)."""
+def verify_files(root: Path, manifest: dict[str, Any], paths: list[Path] | None = None, verified: Any = None) -> None:
+    """Check the hashes of `paths` (default: every file the manifest lists). `verified` (a
+    sdrt.verified.VerifiedFiles) skips the files hashed before and unchanged since, and learns the rest."""
     files = manifest["files"]
     names = list(files) if paths is None else [p.relative_to(root).as_posix() for p in paths]
     for rel in names:
         if rel not in files:
             raise SdrtError(f"engine file {root / rel} is not listed in {MANIFEST}; rebuild the engines with `sdrt build`")
         file = engine_file(root, rel)
+        if verified is not None and verified.unchanged(rel, file, files[rel]):
+            continue
         if file_sha256(file) != files[rel]:
             raise SdrtError(f"engine file {file} does not match its hash in {MANIFEST}; rebuild the engines with `sdrt build`")
+        if verified is not None:
+            verified.remember(rel, file, files[rel])
+    if verified is not None:
+        verified.save()
 
 
 def load_manifest(root: Path, verify: bool = True) -> dict[str, Any]:

@@ -20,12 +20,13 @@ from tqdm import tqdm
 from .components import ComponentSpec
 from .engines.base import Engine, LoadConfig, engine_class
 from .errors import SdrtError
-from .manifest import load_manifest, model_hash, verify_files
+from .manifest import CONTENT_HASH, load_manifest, model_hash, verify_files
 from .memory import attention_bytes, check_fits
 from .model_info import ModelInfo
 from .noise import make_batch_noise
 from .schedulers import default_scheduler_name, make_scheduler, resolve_scheduler
 from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
+from .verified import VERIFY_MODES, VerifiedFiles
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +91,23 @@ class StableDiffusion:
         self.works: dict | None = None  # the model card's working range (sdrt.json "works"), where it has one
 
     @classmethod
-    def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: bool = True) -> "StableDiffusion":
+    def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: str = "changed") -> "StableDiffusion":
+        """verify: always (hash every file it loads), changed (only those changed since this user last
+        verified them: sdrt/verified.py), never (trust the folder; a warning says so)."""
+        if verify not in VERIFY_MODES:
+            raise SdrtError(f"--verify {verify!r} is not supported: accepted values are {', '.join(VERIFY_MODES)}")
         manifest = load_manifest(engine_dir, verify=False)
         backend = engine_class(manifest["backend"]["name"])
         cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"])
-        if verify:  # the hashes of what this run reads: tokenizer files and the engines it loads
+        if verify == "never":
+            log.warning("--verify never: the hashes of %s's files are not checked", engine_dir)
+        else:  # the hashes of what this run reads: tokenizer files and the engines it loads
             tokenizer_files = [engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)]
             engine_files = [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(engine_dir / name, cfg)]
             if cfg.device == manifest["backend"]["device"]:  # what the build made for this device must be there: no silent fallback
                 engine_files += [engine_dir / rel for name in TXT2IMG_COMPONENTS for rel in manifest["components"][name]["artifacts"]]
-            verify_files(engine_dir, manifest, list(dict.fromkeys(tokenizer_files + engine_files)))
+            verified = VerifiedFiles(engine_dir, manifest[CONTENT_HASH]) if verify == "changed" else None
+            verify_files(engine_dir, manifest, list(dict.fromkeys(tokenizer_files + engine_files)), verified)
         engines = {}
         for name in TXT2IMG_COMPONENTS:
             spec = ComponentSpec.from_json(manifest["components"][name]["spec"])

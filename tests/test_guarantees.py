@@ -411,3 +411,32 @@ def test_bench_children_report_how_they_ended(tmp_path):
     assert "pre-processing" in (tmp_path / "logs" / "noisy.log").read_text()
     killed = run_logged([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], tmp_path / "logs" / "killed.log")
     assert killed.returncode == -signal.SIGKILL and "killed by SIGKILL" in killed.reason() and killed.peak_rss_mb > 1
+
+
+# verified once, trusted while unchanged (sdrt/verified.py)
+
+
+def test_verified_files_are_trusted_only_while_unchanged(tiny_engines, tmp_path):
+    copy, cache = tmp_path / "E", tmp_path / "cache"
+    shutil.copytree(tiny_engines["sd1"], copy)
+    args = ("generate", copy, "--prompt", "x", "--steps", "2", "--output", tmp_path / "o.png", "--overwrite", "--quiet")
+    assert sdrt(*args, cache_dir=cache).returncode == 0
+    [record] = (cache / "verified").glob("*.json")  # the copy is verified once, on its own
+    recorded = json.loads(record.read_text())
+    assert recorded["folder"] == str(copy.resolve()) and "unet/model.cpu-optimized.onnx" in recorded["files"]
+    graph = copy / "unet" / "model.cpu-optimized.onnx"
+    before = graph.stat()
+    flip_byte(graph)  # same size; then the mtime put back: only the ctime (which no one can set) moved
+    os.utime(graph, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert graph.stat().st_size == before.st_size and graph.stat().st_mtime_ns == before.st_mtime_ns
+    assert_clean_error(sdrt(*args, cache_dir=cache), "model.cpu-optimized.onnx does not match its hash")
+    # the record is what is trusted: one that claims the changed file's identity (only the user's own
+    # cache can hold it) lets it through, which is why it is kept there and keyed by that identity
+    st = graph.stat()
+    recorded["files"]["unet/model.cpu-optimized.onnx"][1] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    record.write_text(json.dumps(recorded))
+    assert sdrt(*args, cache_dir=cache).returncode == 0
+    assert_clean_error(sdrt(*args, "--verify", "always", cache_dir=cache), "model.cpu-optimized.onnx does not match its hash")
+    trusting = sdrt(*args, "--verify", "never", cache_dir=cache)
+    assert trusting.returncode == 0 and "--verify never: the hashes of" in trusting.stderr and "are not checked" in trusting.stderr
+    assert_clean_error(sdrt(*args, "--verify", "sometimes", cache_dir=cache), "--verify 'sometimes'", "always, changed, never")
