@@ -11,11 +11,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdrt.files import hold, remove_leftovers, track, untrack
+from sdrt.files import hold, remove_leftovers, temporary_folder, untrack
 from sdrt.manifest import file_sha256
 
 log = logging.getLogger(__name__)
@@ -111,8 +110,7 @@ class BuildCache:
             remove_leftovers(self.root, ".")  # entries that killed builds were storing
             if entry.is_dir():  # an entry without its record: never complete, or damaged
                 shutil.rmtree(entry)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
-            track(tmp)
+            tmp = temporary_folder(self.root, f".{key}.")
             lock = hold(tmp)
             for f in files:
                 _place(f, tmp / f.name)

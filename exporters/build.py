@@ -26,7 +26,7 @@ from sdrt.cpu import cpu_description
 from sdrt.engines.base import BuildConfig, LoadConfig, engine_class, static_spec
 from sdrt.engines.cache import BuildCache, cache_key
 from sdrt.errors import SdrtError, first_line
-from sdrt.files import hold, locked, remove_leftovers, track, untrack
+from sdrt.files import hold, locked, remove_leftovers, temporary_folder, untrack
 from sdrt.image_io import usual_mode
 from sdrt.manifest import MANIFEST, file_sha256, hash_files, write_manifest
 from sdrt.model_info import ModelInfo, read_json, read_model_info, scheduler_config_path
@@ -252,8 +252,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
     staging, staging_lock, reference = None, None, None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-        track(staging)
+        staging = temporary_folder(out.parent, f".{out.name}.building-")
         staging_lock = hold(staging)  # the folder is this live build's until the process ends, however it ends
         started = time.perf_counter()
         export_errors, export_hit, known = _export(model_dir, info, specs, staging, cache)  # portable graphs: never rewritten

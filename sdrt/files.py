@@ -15,6 +15,7 @@ import errno
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Iterator
@@ -39,9 +40,27 @@ def untrack(path: Path) -> None:
     _temporaries.discard(path)
 
 
+def temporary_folder(parent: Path, prefix: str) -> Path:
+    """A new folder `parent/prefix<random>`, tracked before it exists: an interrupt at any moment finds it."""
+    path = parent / f"{prefix}{secrets.token_hex(6)}"
+    track(path)
+    path.mkdir(mode=0o700)
+    return path
+
+
+def temporary_file(parent: Path, prefix: str, suffix: str) -> tuple[Path, int]:
+    """A new file `parent/prefix<random>suffix`, tracked before it exists; -> (path, descriptor open for writing)."""
+    path = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+    track(path)
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
 def remove_temporaries() -> None:
     for path in list(_temporaries):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        for _ in range(3):  # a library's thread may still be adding files while the folder is deleted
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if not os.path.lexists(path):
+                break
 
 
 def hold(path: Path) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import __version__
 from .errors import SdrtError
-from .files import publish_file, remove_leftovers, track, untrack
+from .files import publish_file, remove_leftovers, temporary_file, untrack
 from .schedulers import WEBUI_NAME_OF
 
 METADATA_KEY = "sdrt"
@@ -74,9 +73,7 @@ def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any], overwrite:
     prefix, tmp, fd = f".{path.name}.", None, None
     try:
         remove_leftovers(folder, prefix, ".tmp")
-        fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-        tmp = Path(name)
-        track(tmp)
+        tmp, fd = temporary_file(folder, prefix, ".tmp")
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the file is published or removed
         with os.fdopen(fd, "wb", closefd=False) as f:
             Image.fromarray(image, mode="RGB").save(f, format="PNG", pnginfo=info)
