@@ -38,6 +38,8 @@ def test_bench_smoke(tmp_path):
                     "unet_gflops", "roofline_fraction", "speedup_vs_baseline", "memory_vs_baseline"):
             assert isinstance(row[key], float) and row[key] > 0, (row["backend"], key)
         assert row["unet_step_p90_s"] >= row["unet_step_s"]
+        if row["backend"] != "diffusers":  # warm loads with each --verify mode (issue 16)
+            assert row["load_warm_verify_always_s"] > 0 and row["load_warm_verify_changed_s"] > 0
     assert rows["diffusers", "fp32", "dynamic"]["speedup_vs_baseline"] == 1.0 and rows["diffusers", "fp32", "dynamic"]["build_s"] is None
     assert rows["openvino", "fp32", "dynamic"]["engine_mb"] > 0 and rows["openvino", "fp32", "dynamic"]["build_s"] > 0
     report = (out / "report.md").read_text()
