@@ -74,6 +74,9 @@ def _weighted_matmuls(model: ov.Model) -> list[str]:
             if op.get_type_name() == "MatMul" and any(constant(op.input_value(i)) for i in range(2))]
 
 
+_unwritable_caches: set[Path] = set()  # warned about once per process: a pipeline loads several components
+
+
 def _model_cache() -> Path | None:
     """OpenVINO's compiled-model cache folder, or None (with a warning) where it cannot be written."""
     folder = cache_root() / "openvino"
@@ -82,8 +85,10 @@ def _model_cache() -> Path | None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as exc:
-        log.warning("openvino's model cache %s cannot be written (%s); compiling without it, so every load compiles "
-                    "(set SDRT_CACHE_DIR to a writable folder)", folder, exc.strerror or exc)
+        if folder not in _unwritable_caches:
+            _unwritable_caches.add(folder)
+            log.warning("openvino's model cache %s cannot be written (%s); compiling without it, so every load compiles "
+                        "(set SDRT_CACHE_DIR to a writable folder)", folder, exc.strerror or exc)
         return None
     return folder
 

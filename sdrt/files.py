@@ -74,9 +74,8 @@ def hold(path: Path) -> int:
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold the exclusive lock on `path` (waiting for it) for the duration of the block."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = hold(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -37,6 +37,7 @@ class VerifiedFiles:
         self._path = cache_root() / "verified" / f"{hashlib.sha256(folder.encode()).hexdigest()[:32]}.json"
         self._content_hash = content_hash
         self._files: dict[str, list] = {}
+        self._learned = False  # whether this load hashed files the record did not vouch for
         try:
             record = json.loads(self._path.read_text(encoding="utf-8"))
             if record.get("folder") == folder and record.get("manifest") == content_hash:
@@ -51,9 +52,13 @@ class VerifiedFiles:
 
     def remember(self, rel: str, file: Path, sha256: str) -> None:
         self._files[rel] = [sha256, _identity(file)]
+        self._learned = True
 
     def save(self) -> None:
-        """Write the record (atomically); a cache that cannot be written only means hashing again next time."""
+        """Write the record (atomically) if this load learned anything; a cache that cannot be written only
+        means hashing again next time."""
+        if not self._learned:
+            return
         tmp = None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
         if cfg.final_sigmas_type not in ("zero", "sigma_min"):
             raise SdrtError(f"scheduler config key 'final_sigmas_type' = {cfg.final_sigmas_type!r} is not supported (accepted: zero, sigma_min)")
         self.alphas_cumprod = alphas_cumprod(cfg, terminal_floor=True)
+        self._sigma_table = karras_sigma_table(self.alphas_cumprod)  # (T,) ascending in t
 
     def _spaced(self, num_steps: int) -> np.ndarray:
         # DPM-Solver spaces n + 1 points and drops the last (t = 0)
@@ -67,7 +68,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
         """-> (n,) timesteps and (n,) sigmas."""
         cfg = self.config
         timesteps = self._spaced(num_steps)
-        sigma_table = karras_sigma_table(self.alphas_cumprod)
+        sigma_table = self._sigma_table
         if cfg.use_karras_sigmas:
             log_table = np.log(sigma_table)
             sigmas = karras_sigmas(float(sigma_table[0]), float(sigma_table[-1]), num_steps)
@@ -86,8 +87,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
             most = next(n for n in range(num_steps - 1, 0, -1) if np.unique(self._timesteps(n)[1]).size == n)
             raise SdrtError(f"--steps {num_steps}: dpmpp_2m repeats a noise level at this many steps with this model's "
                             f"{cfg.timestep_spacing} spacing (its image would be NaN, as in diffusers); use at most {most}")
-        sigma_table = karras_sigma_table(self.alphas_cumprod)
-        sigma_last = float(sigma_table[0]) if cfg.final_sigmas_type == "sigma_min" else 0.0
+        sigma_last = float(self._sigma_table[0]) if cfg.final_sigmas_type == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)  # (n + 1,)
         self.timesteps = timesteps.astype(np.int64).astype(np.float32)
         n = len(self.timesteps)
