@@ -38,11 +38,14 @@ def rel_err(ours, ref):
     return float(np.abs(np.asarray(ours, dtype=np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
 
 
-def run_parity(name, config, steps, karras=False, tolerance=TOLERANCE):
+def run_parity(name, config, steps, karras=False, tolerance=TOLERANCE, strength=1.0):
+    """Step by step against diffusers. With strength < 1, as diffusers' img2img and inpainting pipelines
+    drive a scheduler: the schedule's tail from begin index t_start, the image latents noised to its first
+    step by add_noise, and (inpainting's 4-channel blend) add_noise to the next step after every step."""
     ref = getattr(diffusers, DIFFUSERS_CLASS_OF[name]).from_config({**config, **({"use_karras_sigmas": True} if karras else {})})
     ref.set_timesteps(steps)
     ours = make_scheduler(name, config, karras_sigmas=karras)
-    ours.set_timesteps(steps)
+    ours.set_timesteps(steps, strength)
     assert len(ours.timesteps) == len(ref.timesteps)
     np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy().astype(np.float32), rtol=1e-6)
     assert rel_err(ours.init_noise_sigma, float(ref.init_noise_sigma)) <= tolerance
@@ -51,8 +54,18 @@ def run_parity(name, config, steps, karras=False, tolerance=TOLERANCE):
     ref_noise = torch.Generator().manual_seed(2)
     our_noise = torch.Generator().manual_seed(2)
     x_ref = torch.randn((1, 4, 8, 8), generator=outputs) * ref.init_noise_sigma
+    timesteps = ref.timesteps
+    if strength < 1:
+        t_start = steps - min(int(steps * strength), steps)
+        assert ours.begin == t_start * ref.order
+        timesteps = ref.timesteps[t_start * ref.order :]
+        if hasattr(ref, "set_begin_index"):
+            ref.set_begin_index(t_start * ref.order)
+        image_latents, start_noise = torch.randn((1, 4, 8, 8), generator=outputs), torch.randn((1, 4, 8, 8), generator=outputs)
+        x_ref = ref.add_noise(image_latents, start_noise, timesteps[:1])
+        assert rel_err(ours.add_noise(image_latents.numpy(), start_noise.numpy(), ours.begin), x_ref.numpy()) <= tolerance
     x_ours = x_ref.numpy().copy()
-    for i, t in enumerate(ref.timesteps):
+    for i, t in enumerate(timesteps, start=ours.begin):
         scaled_ref = ref.scale_model_input(x_ref, t)
         scaled_ours = ours.scale_model_input(x_ours, i)
         assert rel_err(scaled_ours, scaled_ref.numpy()) <= tolerance, (name, steps, i, "scale_model_input")
@@ -64,6 +77,9 @@ def run_parity(name, config, steps, karras=False, tolerance=TOLERANCE):
         assert x_ours.dtype == np.float32
         err = rel_err(x_ours, x_ref.numpy())
         assert err <= tolerance, (name, steps, i, err)
+        if strength < 1 and i + 1 < len(ours.timesteps):
+            blend_ref = ref.add_noise(image_latents, start_noise, torch.tensor([ref.timesteps[i + 1]]))
+            assert rel_err(ours.add_noise(image_latents.numpy(), start_noise.numpy(), i + 1), blend_ref.numpy()) <= tolerance, (name, i)
         # continue from the reference so that errors do not compound across steps
         x_ours = x_ref.numpy().copy()
 
@@ -85,6 +101,32 @@ def test_parity_with_diffusers(name, prediction_type, steps, spacing, offset):
 )
 def test_karras_sigmas_parity(name, prediction_type, steps, spacing):
     run_parity(name, sd_config(prediction_type, spacing, 1), steps, karras=True)
+
+
+@pytest.mark.parametrize("name,strength,steps,spacing", itertools.product(sorted(SCHEDULERS), [0.29, 0.5, 0.75, 1.0], [7, 20, 100], ["leading", "trailing"]))
+def test_partial_schedules_and_add_noise_parity(name, strength, steps, spacing):
+    run_parity(name, sd_config("epsilon", spacing, 1), steps, strength=strength)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler", "lms"])
+def test_partial_karras_schedule_parity(name):
+    run_parity(name, sd_config("v_prediction", "leading", 1), 20, karras=True, strength=0.6)
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.8])
+def test_partial_pndm_with_runge_kutta_warmup(strength):
+    run_parity("pndm", sd_config("epsilon", "leading", 1, skip_prk_steps=False), 20, strength=strength)
+
+
+def test_strength_errors_name_the_option():
+    scheduler = make_scheduler("ddim", sd_config("epsilon", "leading", 1))
+    for strength in (0, -0.5, 1.5, float("nan")):
+        with pytest.raises(SdrtError, match="--strength .* accepted values are 0 < strength <= 1"):
+            scheduler.set_timesteps(20, strength)
+    with pytest.raises(SdrtError, match="--strength 0.04 with --steps 20 runs no denoising step"):
+        scheduler.set_timesteps(20, 0.04)
+    scheduler.set_timesteps(100, 0.29)
+    assert len(scheduler.timesteps) - scheduler.begin == 28  # int(100 * 0.29) in floating point, as diffusers counts
 
 
 @pytest.mark.parametrize("steps", [10, 20, 50])

@@ -9,7 +9,7 @@ import numpy as np
 from .base import Scheduler
 from .config import CommonConfig, parse_config
 from .parameterization import vp_eps, vp_x0
-from .schedule import alphas_cumprod, check_steps, spaced_timesteps
+from .schedule import alphas_cumprod, check_steps, spaced_timesteps, vp_add_noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +31,7 @@ class DDIMScheduler(Scheduler):
         self.alphas_cumprod = alphas_cumprod(self.config)
         self.final_alpha_cumprod = np.float32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_steps: int) -> None:
+    def _schedule(self, num_steps: int) -> None:
         check_steps(num_steps, self.config)
         t = spaced_timesteps(self.config, num_steps, integer=True)
         self.timesteps = t.astype(np.float32)
@@ -55,3 +55,6 @@ class DDIMScheduler(Scheduler):
         direction = (1 - alpha_prod_t_prev) ** 0.5 * eps
         # 3. x_{t-1} = sqrt(alpha_{t-1}) x0 + direction, eq. (12)
         return alpha_prod_t_prev**0.5 * x0 + direction
+
+    def add_noise(self, x0, noise, i):
+        return vp_add_noise(self.alphas_cumprod, self.timesteps[i], x0, noise)

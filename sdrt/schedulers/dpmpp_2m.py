@@ -79,7 +79,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
             sigmas = interp_sigmas(timesteps, sigma_table)
         return timesteps, sigmas
 
-    def set_timesteps(self, num_steps: int) -> None:
+    def _schedule(self, num_steps: int) -> None:
         check_steps(num_steps, self.config)
         cfg = self.config
         timesteps, sigmas = self._timesteps(num_steps)
@@ -99,7 +99,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
         with np.errstate(divide="ignore"):
             self._lambda = (np.log(self._alpha) - np.log(self._sigma)).astype(np.float32)  # +inf at sigma = 0
         self._first_order = np.zeros(n, dtype=bool)
-        self._first_order[0] = True
+        self._first_order[self.begin] = True
         if cfg.solver_order == 1:
             self._first_order[:] = True
         if cfg.final_sigmas_type == "zero" or (cfg.lower_order_final and n < 15):
@@ -129,3 +129,7 @@ class DPMSolverPlusPlus2MScheduler(Scheduler):
                 x_next = (s_t / s_s0) * x - (a_t * phi) * d0 + (a_t * (phi / h + np.float32(1.0))) * d1
         self._prev_x0 = x0
         return x_next
+
+    def add_noise(self, x0, noise, i):
+        # x_t = alpha_t x0 + sigma_t eps (VP form, from the Karras sigma as diffusers converts it)
+        return self._alpha[i] * x0 + self._sigma[i] * noise

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from .base import Scheduler
 from .config import parse_config
 from .parameterization import ve_x0
-from .sigma_schedule import SigmaConfig, scale_by_sigma, sigma_schedule
+from .sigma_schedule import SigmaConfig, SigmaScheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,17 +15,11 @@ class EulerConfig(SigmaConfig):
     pass
 
 
-class EulerScheduler(Scheduler):
+class EulerScheduler(SigmaScheduler):
     name = "euler"
 
     def __init__(self, model_config: dict, **overrides):
         self.config = parse_config(EulerConfig, model_config, **overrides)
-
-    def set_timesteps(self, num_steps: int) -> None:
-        self.timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(self.config, num_steps)
-
-    def scale_model_input(self, x, i):
-        return scale_by_sigma(x, self.sigmas[i])
 
     def step(self, model_output, i, x, noise=None):
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]

@@ -9,10 +9,9 @@ import dataclasses
 import numpy as np
 from numpy.polynomial import polynomial as P
 
-from .base import Scheduler
 from .config import parse_config
 from .parameterization import ve_x0
-from .sigma_schedule import SigmaConfig, scale_by_sigma, sigma_schedule
+from .sigma_schedule import SigmaConfig, SigmaScheduler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,15 +19,15 @@ class LMSConfig(SigmaConfig):
     UNSUPPORTED = {**SigmaConfig.UNSUPPORTED, "rescale_betas_zero_snr": False}  # diffusers' LMS has no such option
 
 
-class LMSScheduler(Scheduler):
+class LMSScheduler(SigmaScheduler):
     name = "lms"
     max_order = 4
 
     def __init__(self, model_config: dict, **overrides):
         self.config = parse_config(LMSConfig, model_config, **overrides)
 
-    def set_timesteps(self, num_steps: int) -> None:
-        self.timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(self.config, num_steps)
+    def _schedule(self, num_steps: int) -> None:
+        super()._schedule(num_steps)
         self._coeffs = [self._lms_coefficients(i) for i in range(num_steps)]
         self._derivatives: list[np.ndarray] = []
 
@@ -45,9 +44,6 @@ class LMSScheduler(Scheduler):
             antiderivative = P.polyint(basis)
             coeffs.append(float(P.polyval(s[i + 1], antiderivative) - P.polyval(s[i], antiderivative)))
         return coeffs
-
-    def scale_model_input(self, x, i):
-        return scale_by_sigma(x, self.sigmas[i])
 
     def step(self, model_output, i, x, noise=None):
         sigma = self.sigmas[i]

@@ -13,7 +13,7 @@ import numpy as np
 
 from .base import Scheduler
 from .config import CommonConfig, parse_config
-from .schedule import alphas_cumprod, check_steps, spaced_timesteps
+from .schedule import alphas_cumprod, check_steps, spaced_timesteps, vp_add_noise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +35,7 @@ class PNDMScheduler(Scheduler):
         self.alphas_cumprod = alphas_cumprod(self.config)
         self.final_alpha_cumprod = np.float32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
-    def set_timesteps(self, num_steps: int) -> None:
+    def _schedule(self, num_steps: int) -> None:
         check_steps(num_steps, self.config)
         cfg = self.config
         ratio = cfg.num_train_timesteps // num_steps
@@ -49,16 +49,17 @@ class PNDMScheduler(Scheduler):
             plms = base[:-3][::-1]
         t = np.concatenate([prk, plms]).astype(np.int64)
         self.timesteps = t.astype(np.float32)
-        # per step: (timestep used for alpha_t, previous timestep, how the model output is combined)
-        self._plan = []
-        for i, ti in enumerate(t):
-            if i < len(prk):
-                prev = ti - (0 if i % 2 else ratio // 2)
-                self._plan.append((int(prk[i // 4 * 4]), int(prev), "prk"))
-            elif i == 1:
-                self._plan.append((int(ti) + ratio, int(ti), "plms"))  # second step re-does the first interval
+        # per step index: (timestep used for alpha_t, previous timestep, how the model output is combined,
+        # steps run before it: diffusers' `counter`, which starts at 0 on the first step run, `begin`)
+        self._plan = {}
+        for i in range(self.begin, len(t)):
+            c, ti = i - self.begin, int(t[i])
+            if c < len(prk):
+                self._plan[i] = (int(prk[c // 4 * 4]), ti - (0 if c % 2 else ratio // 2), "prk", c)
+            elif c == 1:
+                self._plan[i] = (ti + ratio, ti, "plms", c)  # the second step re-does the first interval
             else:
-                self._plan.append((int(ti), int(ti) - ratio, "plms"))
+                self._plan[i] = (ti, ti - ratio, "plms", c)
         self._ets: list[np.ndarray] = []
         self._cur_model_output = 0.0
         self._cur_sample: np.ndarray | None = None
@@ -75,14 +76,14 @@ class PNDMScheduler(Scheduler):
         return sample_coeff * x - (a_prev - a_t) * eps / denom
 
     def step(self, model_output, i, x, noise=None):
-        t, prev_t, kind = self._plan[i]
+        t, prev_t, kind, c = self._plan[i]
         if kind == "prk":
-            return self._step_prk(model_output, i, x, t, prev_t)
-        return self._step_plms(model_output, i, x, t, prev_t)
+            return self._step_prk(model_output, c, x, t, prev_t)
+        return self._step_plms(model_output, c, x, t, prev_t)
 
-    def _step_prk(self, e, i, x, t, prev_t):
+    def _step_prk(self, e, c, x, t, prev_t):
         # eq. (13): e1/6 + e2/3 + e3/3 + e4/6 over two half steps
-        stage = i % 4
+        stage = c % 4
         if stage == 0:
             self._cur_model_output = e / 6
             self._ets.append(e)
@@ -94,14 +95,14 @@ class PNDMScheduler(Scheduler):
             self._cur_model_output = 0.0
         return self._phi(self._cur_sample, t, prev_t, e)
 
-    def _step_plms(self, e, i, x, t, prev_t):
-        # eq. (12) with up to four previous eps; without PRK steps, steps 0 and 1 form a Heun start
-        if i != 1:
+    def _step_plms(self, e, c, x, t, prev_t):
+        # eq. (12) with up to four previous eps; without PRK steps, the first two steps run form a Heun start
+        if c != 1:
             self._ets = self._ets[-3:] + [e]
         ets = self._ets
-        if len(ets) == 1 and i == 0:
+        if len(ets) == 1 and c == 0:
             self._cur_sample = x
-        elif len(ets) == 1 and i == 1:
+        elif len(ets) == 1 and c == 1:
             e = (e + ets[-1]) / 2
             x, self._cur_sample = self._cur_sample, None
         elif len(ets) == 2:
@@ -111,3 +112,6 @@ class PNDMScheduler(Scheduler):
         else:
             e = (1 / 24) * (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4])
         return self._phi(x, t, prev_t, e)
+
+    def add_noise(self, x0, noise, i):
+        return vp_add_noise(self.alphas_cumprod, self.timesteps[i], x0, noise)

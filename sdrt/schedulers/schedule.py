@@ -77,6 +77,12 @@ def alphas_cumprod(cfg: CommonConfig, terminal_floor: bool = False) -> np.ndarra
     return cumprod
 
 
+def vp_add_noise(alphas_cumprod: np.ndarray, t: float, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """diffusers' DDPM-form add_noise in float32: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+    a = alphas_cumprod[int(t)]
+    return a ** np.float32(0.5) * x0 + (np.float32(1.0) - a) ** np.float32(0.5) * noise
+
+
 def karras_sigma_table(cumprod: np.ndarray) -> np.ndarray:
     """(num_train_timesteps,) float32: sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), ascending in t."""
     return (((np.float32(1.0) - cumprod) / cumprod) ** np.float32(0.5)).astype(np.float32)

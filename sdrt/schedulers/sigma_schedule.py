@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 
+from .base import Scheduler
 from .config import CommonConfig
 from .schedule import alphas_cumprod, check_steps, interp_sigmas, karras_sigma_table, karras_sigmas, sigma_to_t, spaced_timesteps
 
@@ -43,3 +44,18 @@ def sigma_schedule(cfg: SigmaConfig, num_steps: int) -> tuple[np.ndarray, np.nda
 def scale_by_sigma(x: np.ndarray, sigma: np.float32) -> np.ndarray:
     """The U-Net input x / sqrt(sigma^2 + 1) (Karras et al. 2022, c_in)."""
     return x / ((sigma**2 + np.float32(1.0)) ** np.float32(0.5))
+
+
+class SigmaScheduler(Scheduler):
+    """The Karras form x_t = x0 + sigma_t eps: the U-Net sees x / sqrt(sigma^2 + 1); `config` is a SigmaConfig."""
+
+    sigmas: np.ndarray  # (n + 1,) float32, ending in 0
+
+    def _schedule(self, num_steps: int) -> None:
+        self.timesteps, self.sigmas, self.init_noise_sigma = sigma_schedule(self.config, num_steps)
+
+    def scale_model_input(self, x, i):
+        return scale_by_sigma(x, self.sigmas[i])
+
+    def add_noise(self, x0, noise, i):
+        return x0 + noise * self.sigmas[i]
