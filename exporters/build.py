@@ -30,8 +30,9 @@ from sdrt.files import hold, locked, remove_leftovers, temporary_folder, untrack
 from sdrt.image_io import usual_mode
 from sdrt.manifest import MANIFEST, file_sha256, hash_files, write_manifest
 from sdrt.model_info import ModelInfo, read_json, read_model_info, scheduler_config_path
-from sdrt.pipeline import TXT2IMG_COMPONENTS, StableDiffusion
+from sdrt.pipeline import StableDiffusion
 from sdrt.schedulers import DIFFUSERS_CLASS_NAMES, default_scheduler_name, make_scheduler
+from sdrt.tasks import model_tasks
 from sdrt.tokenizer import TOKENIZER_FILES, CLIPTokenizer
 
 from . import prompts
@@ -237,6 +238,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
     if os.path.lexists(out.parent) and not out.parent.is_dir():
         raise SdrtError(f"--out {out}: {out.parent} is a file, not a folder")
     info = read_model_info(model_dir)
+    tasks = model_tasks(info)
     _check_tokenizer(model_dir)
     extras = read_json(model_dir / MODEL_EXTRAS) if (model_dir / MODEL_EXTRAS).is_file() else {}
     engine = engine_class(cfg.backend)
@@ -307,9 +309,9 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
             reference = reference or _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
             load_cfg = LoadConfig(device=cfg.device, threads=cfg.threads, precision=cfg.precision)
             built = {name: engine.load(staging / name, ComponentSpec.from_json(components[name]["spec"]), load_cfg) for name in specs}
-            candidate = StableDiffusion(info, scheduler_config, reference.tokenizer, {n: built[n] for n in TXT2IMG_COMPONENTS})
+            candidate = StableDiffusion(info, scheduler_config, reference.tokenizer, built)
             log.info("checking accuracy against fp32 on %d prompts x %d steps at %dx%d", len(eval_prompts), cfg.accuracy_steps, *reference_size)
-            accuracy = accuracy_report(reference, candidate, (reference.engines["vae_encoder"], built["vae_encoder"]), eval_prompts,
+            accuracy = accuracy_report(reference, candidate, eval_prompts,
                                        cfg.accuracy_steps, reference_size, num_images=cfg.batch if cfg.static_shape else 1)
             for e in built.values():
                 e.close()
@@ -322,6 +324,7 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
                                 "against fp32; no engine folder was written")
         manifest = {
             "model": {"source": str(model_dir.resolve()), **info.to_json()},
+            "tasks": list(tasks),
             "scheduler_config": scheduler_config,
             "defaults": defaults,
             "works": extras.get("works"),

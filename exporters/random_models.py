@@ -6,6 +6,7 @@ are seeded, so a kind always gives the same model.
         quick-GELU text encoder, 2x VAE
   sd2:  tiny: v-prediction, linear projections, upcast attention, GELU text encoder,
         pad token "!", DDIM scheduler config, 4x VAE
+  sd1-inpaint, sd2-inpaint: the same with a 9-channel inpainting U-Net (StableDiffusionInpaintPipeline)
   sd15: the full-size SD 1.5 architecture (859.5 M-parameter U-Net, 3.4 GB in fp32), for speed
         and memory measurements: random weights run as fast as trained ones in fp32
   sd21-base, sd21-v: the full-size SD 2.1 architectures (OpenCLIP-H text encoder, linear
@@ -17,12 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sd15", "sd21-base", "sd21-v")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd15", "sd21-base", "sd21-v")
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
@@ -31,7 +33,7 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         raise ValueError(f"kind {kind!r}: accepted values are {', '.join(KINDS)}")
     if kind in ("sd15", "sd21-base", "sd21-v"):
         return _make_full_size(kind, out, seed)
-    sd2 = kind == "sd2"
+    sd2, inpaint = kind.startswith("sd2"), kind.endswith("-inpaint")
     torch.manual_seed(seed)
     hidden = 32
     text_encoder = CLIPTextModel(
@@ -43,7 +45,7 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
     )
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=4,
+        in_channels=9 if inpaint else 4,  # inpainting: latents, mask, masked-image latents
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -67,11 +69,12 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         sample_size=8 * 2 ** (len(vae_blocks) - 1),
         scaling_factor=0.18215,
     )
-    return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!" if sd2 else "<|endoftext|>")
+    return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!" if sd2 else "<|endoftext|>",
+                 pipeline=StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)
 
 
 def scheduler_for(kind: str):
-    if kind == "sd2":
+    if kind.startswith("sd2"):
         return DDIMScheduler(**SD_BETAS, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False,
                              steps_offset=1, timestep_spacing="leading")
     return PNDMScheduler(**SD_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
@@ -96,10 +99,10 @@ def _make_full_size(kind: str, out: Path, seed: int) -> Path:
     return _save(out, text_encoder, unet, vae, scheduler, pad_token="!" if sd2 else "<|endoftext|>")
 
 
-def _save(out: Path, text_encoder, unet, vae, scheduler, pad_token: str) -> Path:
+def _save(out: Path, text_encoder, unet, vae, scheduler, pad_token: str, pipeline=StableDiffusionPipeline) -> Path:
     tok_dir = out / "tokenizer"
     write_clip_tokenizer(tok_dir, pad_token=pad_token)
-    pipe = StableDiffusionPipeline(
+    pipe = pipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

@@ -15,7 +15,7 @@ from .errors import SdrtError
 from .schedulers.config import CommonConfig
 
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 
 
 @dataclasses.dataclass(frozen=True)

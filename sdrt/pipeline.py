@@ -1,8 +1,11 @@
-"""txt2img: tokenizer -> text encoder -> scheduler loop over the U-Net -> VAE decoder, in NumPy.
+"""Every task's pipeline: tokenizer -> text encoder -> the task's start -> one scheduler loop over the
+U-Net -> VAE decoder, in NumPy.
 
-Follows diffusers' StableDiffusionPipeline step for step (same noise stream, same classifier-free
-guidance batch order [negative, positive], same post-processing), so that the same model, seed
-and scheduler give the same image. The pipeline sees engines only through `Engine.run`.
+Follows diffusers' pipelines (StableDiffusionPipeline, ...Img2ImgPipeline, ...InpaintPipeline) step for
+step (same noise stream, same classifier-free guidance batch order [negative, positive], same
+post-processing), so that the same model, seed and scheduler give the same image. A task (sdrt/tasks/)
+says only how the loop starts and what the U-Net gets besides the latents. The pipeline sees engines
+only through `Engine.run`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from .components import ComponentSpec
@@ -25,12 +29,14 @@ from .memory import attention_bytes, check_fits
 from .model_info import ModelInfo
 from .noise import make_batch_noise
 from .schedulers import default_scheduler_name, make_scheduler, resolve_scheduler
+from .schedulers.base import begin_index
+from .tasks import Start, Task, model_tasks, requested_task
 from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
 from .verified import VERIFY_MODES, VerifiedFiles
 
 log = logging.getLogger(__name__)
 
-TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # loaded with the folder; the VAE encoder when a task first needs it
 LONG_PROMPTS = ("truncate", "chunk")
 USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
 BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
@@ -51,6 +57,11 @@ class GenerateRequest:
     noise: str = "torch"
     batch_noise: str = "shared"  # shared: one generator for the batch (diffusers); per-image: image i uses seed + i
     long_prompts: str = "truncate"  # truncate (as diffusers) or chunk (the WebUI's 75-token chunks, embeddings concatenated)
+    init_image: Image.Image | None = None  # img2img: the image to start from (RGB)
+    image: Image.Image | None = None  # inpainting: the image to repaint (RGB)
+    mask: Image.Image | None = None  # inpainting: white = repaint, black = keep (same size as `image`)
+    strength: float | None = None  # img2img / inpainting: how far the image is noised, (0, 1]; None: the task's default
+    mask_blur: float = 0.0  # inpainting: Gaussian blur radius applied to the mask first (diffusers' VaeImageProcessor.blur)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +74,8 @@ class Settings:
     karras: bool
     height: int
     width: int
+    task: str
+    strength: float | None  # None for tasks without one (txt2img)
 
 
 def describe_works(works: dict) -> str:
@@ -89,6 +102,15 @@ class StableDiffusion:
         self.static_shape = static_shape
         self.manifest: dict | None = None
         self.works: dict | None = None  # the model card's working range (sdrt.json "works"), where it has one
+        self.tasks = model_tasks(info)
+        self._load_engine = None  # name -> Engine, verified before loading: components that only some tasks use
+
+    def engine(self, name: str) -> Engine:
+        if name not in self.engines:
+            if self._load_engine is None:
+                raise SdrtError(f"this pipeline has no {name} engine")
+            self.engines[name] = self._load_engine(name)
+        return self.engines[name]
 
     @classmethod
     def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: str = "changed") -> "StableDiffusion":
@@ -101,38 +123,53 @@ class StableDiffusion:
         cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"])
         if verify == "never":
             log.warning("--verify never: the hashes of %s's files are not checked", engine_dir)
-        else:  # the hashes of what this run reads: tokenizer files and the engines it loads
-            tokenizer_files = [engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)]
-            engine_files = [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(engine_dir / name, cfg)]
-            if cfg.device == manifest["backend"]["device"]:  # what the build made for this device must be there: no silent fallback
-                engine_files += [engine_dir / rel for name in TXT2IMG_COMPONENTS for rel in manifest["components"][name]["artifacts"]]
-            verified = VerifiedFiles(engine_dir, manifest[CONTENT_HASH]) if verify == "changed" else None
-            verify_files(engine_dir, manifest, list(dict.fromkeys(tokenizer_files + engine_files)), verified)
-        engines = {}
-        for name in TXT2IMG_COMPONENTS:
-            spec = ComponentSpec.from_json(manifest["components"][name]["spec"])
-            engines[name] = backend.load(engine_dir / name, spec, cfg)
+        verified = VerifiedFiles(engine_dir, manifest[CONTENT_HASH]) if verify == "changed" else None
+
+        def check(paths: list[Path]) -> None:
+            if verify != "never":
+                verify_files(engine_dir, manifest, list(dict.fromkeys(paths)), verified)
+
+        def load(name: str) -> Engine:
+            """A component, its files verified first: what the build made for this device must be there (no silent fallback)."""
+            if name not in manifest["components"]:
+                raise SdrtError(f"{engine_dir} has no {name} engine; rebuild it with this version of sdrt")
+            paths = backend.files_to_load(engine_dir / name, cfg)
+            if cfg.device == manifest["backend"]["device"]:
+                paths += [engine_dir / rel for rel in manifest["components"][name]["artifacts"]]
+            check(paths)
+            return backend.load(engine_dir / name, ComponentSpec.from_json(manifest["components"][name]["spec"]), cfg)
+
+        check([engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)])
+        engines = {name: load(name) for name in TXT2IMG_COMPONENTS}
         info = ModelInfo.from_json({k: v for k, v in manifest["model"].items() if k != "source"})
         pipe = cls(info, manifest["scheduler_config"], CLIPTokenizer(engine_dir / "tokenizer"), engines,
                    manifest.get("defaults"), manifest.get("static_shape"))
         pipe.manifest = manifest
         pipe.works = manifest.get("works")
+        pipe._load_engine = load
         return pipe
 
     def close(self) -> None:
         for engine in self.engines.values():
             engine.close()
 
+    def task(self, req: GenerateRequest) -> Task:
+        return requested_task(req, self.tasks)
+
     def settings(self, req: GenerateRequest) -> Settings:
         d = {**BUILTIN_DEFAULTS, **self.defaults}
+        task = self.task(req)
         scheduler, karras = resolve_scheduler(req.scheduler or d.get("scheduler") or default_scheduler_name(self.scheduler_config), req.karras)
+        size = task.default_size(req, self.info.vae_scale_factor) or (d.get("height", self.info.default_height), d.get("width", self.info.default_width))
         s = Settings(
             steps=d["steps"] if req.steps is None else req.steps,
             guidance=d["guidance"] if req.guidance is None else req.guidance,
             scheduler=scheduler,
             karras=karras,
-            height=d.get("height", self.info.default_height) if req.height is None else req.height,
-            width=d.get("width", self.info.default_width) if req.width is None else req.width,
+            height=size[0] if req.height is None else req.height,
+            width=size[1] if req.width is None else req.width,
+            task=task.name,
+            strength=task.default_strength if req.strength is None else req.strength,
         )
         for option, text in (("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
             try:
@@ -152,6 +189,9 @@ class StableDiffusion:
             raise SdrtError("--long-prompts chunk needs engines with a dynamic text length; these were built with --static-shape")
         if not np.isfinite(s.guidance) or s.guidance < 0:
             raise SdrtError(f"--guidance {s.guidance} must be a finite number >= 0")
+        if s.strength is not None:
+            begin_index(s.steps, s.strength)
+        task.check(req, s)
         if self.static_shape:
             want = self.static_shape
             if (s.height, s.width, req.num_images) != (want["height"], want["width"], want["batch"]) or s.guidance <= 1:
@@ -188,7 +228,7 @@ class StableDiffusion:
         """-> num_images arrays (H, W, 3) uint8."""
         s = self.settings(req)
         scheduler = make_scheduler(s.scheduler, self.scheduler_config, karras_sigmas=s.karras)
-        scheduler.set_timesteps(s.steps)
+        scheduler.set_timesteps(s.steps, 1.0 if s.strength is None else s.strength)
         for problem in self._outside_works(s):
             log.warning("%s; this model's card says it draws well with %s", problem, describe_works(self.works))
         if s.guidance > USEFUL_GUIDANCE:
@@ -196,24 +236,34 @@ class StableDiffusion:
                         s.guidance, USEFUL_GUIDANCE)
         noise = make_batch_noise(req.noise, req.seed, req.batch_noise, req.num_images)
         n = req.num_images
-        guided = s.guidance > 1.0
         f = self.info.vae_scale_factor
         check_fits(attention_bytes((s.height // f) * (s.width // f)), f"{s.height}x{s.width}")
 
         # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D)
-        if guided:
+        if s.guidance > 1.0:
             negative, positive = self._encode_text([req.negative_prompt, req.prompt], req.long_prompts)
             context = np.concatenate([np.repeat(negative[None], n, 0), np.repeat(positive[None], n, 0)])
         else:
             context = np.repeat(self._encode_text([req.prompt], req.long_prompts), n, 0)
+        start = self.task(req).start(self, req, s, scheduler, noise)
+        latents = self._denoise(start, scheduler, context, np.float32(s.guidance), noise, progress)
+        return self._decode(latents)
 
-        shape = (n, self.info.latent_channels, s.height // f, s.width // f)
-        latents = noise.randn(shape) * np.float32(scheduler.init_noise_sigma)  # (n, C, h, w) float32
+    def _denoise(self, start: Start, scheduler, context: np.ndarray, guidance: np.float32, noise, progress: bool) -> np.ndarray:
+        """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index.
+        context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents (n, C, h, w) float32."""
+        latents, extra = start.latents, start.unet_extra
+        n = latents.shape[0]
+        guided = context.shape[0] == 2 * n
+        if guided and extra is not None:
+            extra = np.concatenate([extra, extra])  # (2n, c, h, w)
         unet = self.engines["unet"]
-        guidance = np.float32(s.guidance)
-        for i in tqdm(range(len(scheduler.timesteps)), desc="denoising", unit="step", disable=None if progress else True, leave=False):
+        steps = range(scheduler.begin, len(scheduler.timesteps))
+        for i in tqdm(steps, desc="denoising", unit="step", disable=None if progress else True, leave=False):
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, i)
+            if extra is not None:
+                model_input = np.concatenate([model_input, extra], axis=1)  # (b, C + c, h, w)
             timestep = np.full((model_input.shape[0],), scheduler.timesteps[i], dtype=np.float32)
             out = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": context})["out_sample"]
             if guided:
@@ -221,12 +271,17 @@ class StableDiffusion:
                 out = uncond + guidance * (cond - uncond)
             step_noise = noise.randn(latents.shape) if scheduler.needs_noise else None
             latents = scheduler.step(out, i, latents, step_noise)
+            if start.after_step is not None:
+                latents = start.after_step(latents, i)
         if not np.isfinite(latents).all():
             raise SdrtError("the denoising loop produced NaN or infinite latents; the engines are numerically broken for this model and precision")
+        return latents
 
+    def _decode(self, latents: np.ndarray) -> list[np.ndarray]:
+        """(n, C, h, w) -> n images (H, W, 3) uint8, decoded one at a time."""
         images = []
         scaled = latents / np.float32(self.info.scaling_factor)
-        for k in range(n):
+        for k in range(len(latents)):
             image = self.engines["vae_decoder"].run({"latent_sample": scaled[k : k + 1]})["sample"][0]  # (3, H, W) in [-1, 1]
             image = np.clip(image / np.float32(2) + np.float32(0.5), 0, 1).transpose(1, 2, 0)
             images.append((image * 255).round().astype(np.uint8))
@@ -251,6 +306,9 @@ class StableDiffusion:
             "image_seed": req.seed + index if req.batch_noise == "per-image" else None,  # alone with --num-images 1, this seed
             "height": s.height,
             "width": s.width,
+            "task": s.task,
+            "strength": s.strength,
+            "mask_blur": req.mask_blur if s.task == "inpaint" else None,
             "model_hash": model_hash(manifest) if manifest else None,
             "backend": manifest.get("backend", {}).get("name"),
             "precision": manifest.get("precision"),

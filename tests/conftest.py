@@ -28,6 +28,48 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def tiny_inpaint_models(tmp_path_factory) -> dict[str, Path]:
+    """9-channel inpainting U-Nets (StableDiffusionInpaintPipeline folders)."""
+    pytest.importorskip("diffusers")
+    from sdrt.exporters.random_models import make_random_model
+
+    root = tmp_path_factory.mktemp("inpaint-models")
+    return {kind: make_random_model(kind, root / kind) for kind in ("sd1-inpaint", "sd2-inpaint")}
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_engines(tiny_inpaint_models, tmp_path_factory) -> dict[str, Path]:
+    from sdrt.engines.base import BuildConfig
+    from sdrt.exporters.build import build_engines
+
+    root = tmp_path_factory.mktemp("inpaint-engines")
+    for kind, model in tiny_inpaint_models.items():
+        build_engines(model, root / kind, BuildConfig(backend="onnxruntime"))
+    return {kind: root / kind for kind in tiny_inpaint_models}
+
+
+def picture(width: int, height: int, seed: int = 0):
+    """A PIL RGB picture with structure at every scale: a smooth colour field, a disc and a bar."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((width // 5, height // 5, width // 2, height // 2), fill=(220, 30, 30))
+    draw.rectangle((width // 2, 2 * height // 3, width - 3, height - 4), fill=(20, 40, 200))
+    return image
+
+
+def half_mask(width: int, height: int):
+    """White (repaint) over the right half's middle, black elsewhere, mode L."""
+    from PIL import Image
+
+    mask = np.zeros((height, width), dtype=np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 2 :] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.fixture(scope="session")
 def tiny_engines(tiny_models, tmp_path_factory) -> dict[str, Path]:
     from sdrt.engines.base import BuildConfig
     from sdrt.exporters.build import build_engines

@@ -1,0 +1,51 @@
+"""The tasks one engine folder can run, and which one a request asks for."""
+
+from __future__ import annotations
+
+from ..errors import SdrtError
+from ..model_info import ModelInfo
+from .base import Start, Task
+from .img2img import Img2Img
+from .inpaint import Inpaint
+from .txt2img import Txt2Img
+
+TASKS: dict[str, Task] = {t.name: t for t in (Txt2Img(), Img2Img(), Inpaint())}
+FLAGS = {"init_image": "--init-image", "image": "--image", "mask": "--mask", "strength": "--strength", "mask_blur": "--mask-blur"}
+UNSET = {"init_image": None, "image": None, "mask": None, "strength": None, "mask_blur": 0.0}
+
+
+def model_tasks(info: ModelInfo) -> tuple[str, ...]:
+    """What a model's U-Net can do, from its input channels."""
+    c, vae = info.latent_channels, info.vae_latent_channels
+    if c == vae:
+        return ("txt2img", "img2img", "inpaint")
+    if c == 2 * vae + 1:  # latents, mask, masked-image latents
+        return ("inpaint",)
+    raise SdrtError(f"a U-Net with {c} input channels (VAE latents: {vae}) is not supported yet: sdrt runs text-to-image U-Nets "
+                    f"({vae} channels) and inpainting U-Nets ({2 * vae + 1})")
+
+
+def requested_task(req, available: tuple[str, ...]) -> Task:
+    """The task the request's inputs ask for; an error naming the flags if the folder cannot run it."""
+    if req.init_image is not None and (req.image is not None or req.mask is not None):
+        raise SdrtError("--init-image (img2img) and --image/--mask (inpainting) cannot be combined: give one task's inputs")
+    if req.init_image is not None:
+        name = "img2img"
+    elif req.image is not None or req.mask is not None:
+        if req.image is None or req.mask is None:
+            raise SdrtError(f"inpainting needs both --image and --mask; {'--mask' if req.image is None else '--image'} is missing")
+        name = "inpaint"
+    else:
+        name = "txt2img"
+    if name not in available:
+        needs = {"img2img": "--init-image", "inpaint": "--image and --mask", "txt2img": "no input image"}
+        raise SdrtError(f"these engines run {', '.join(available)}, not {name}; give {' or '.join(needs[t] for t in available)}")
+    task = TASKS[name]
+    for field, flag in FLAGS.items():
+        if field not in task.takes and getattr(req, field) != UNSET[field]:
+            users = [t.name for t in TASKS.values() if field in t.takes and t.name in available]
+            raise SdrtError(f"{flag} does not apply to {name}: it is for {', '.join(users) or 'tasks these engines do not run'}")
+    return task
+
+
+__all__ = ["TASKS", "Start", "Task", "model_tasks", "requested_task"]
