@@ -81,13 +81,17 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from .image_input import load_image
     from .image_io import check_writable, output_paths, save_png
     from .pipeline import GenerateRequest, StableDiffusion
 
+    images = {field: load_image(Path(getattr(args, field)), f"--{field.replace('_', '-')}")
+              for field in ("init_image", "image", "mask") if getattr(args, field) is not None}
     req = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
         num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise, long_prompts=args.long_prompts,
+        strength=args.strength, mask_blur=args.mask_blur, **images,
     )
     if str(req.seed) != args.seed.strip():
         print(f"seed: {req.seed}", file=sys.stderr)
@@ -164,7 +168,9 @@ def _cache(args: argparse.Namespace) -> None:
 
 def _info(args: argparse.Namespace) -> None:
     from .manifest import engine_file, load_manifest, model_hash
+    from .model_info import ModelInfo
     from .pipeline import BUILTIN_DEFAULTS, describe_works
+    from .tasks import model_tasks
     from .schedulers import default_scheduler_name
 
     manifest = load_manifest(Path(args.engines), verify=not args.no_verify)
@@ -174,6 +180,7 @@ def _info(args: argparse.Namespace) -> None:
     model, backend = manifest["model"], manifest["backend"]
     print(f"engines:     {args.engines} (format {manifest['format_version']}, sdrt {manifest['sdrt_version']}, hash {model_hash(manifest)})")
     print(f"model:       {model['source']}")
+    print(f"tasks:       {', '.join(model_tasks(ModelInfo.from_json({k: v for k, v in model.items() if k != 'source'})))}")
     print(f"             {model['prediction_type']} prediction, latents {model['latent_channels']} ch / VAE x{model['vae_scale_factor']}, "
           f"default {model['default_width']}x{model['default_height']}, text {model['text_max_length']} tokens x {model['text_hidden_size']}")
     defaults = {**BUILTIN_DEFAULTS, **manifest.get("defaults", {})}
@@ -264,6 +271,13 @@ def _parser() -> argparse.ArgumentParser:
                         "(the WebUI's way: each image can be made again alone)")
     g.add_argument("--long-prompts", default="truncate", help="truncate (default, as diffusers) or chunk: prompts past the text "
                    "encoder's length in chunks of 75 tokens, their embeddings concatenated (the WebUI's way)")
+    g.add_argument("--init-image", metavar="FILE", help="img2img: start from this image (PNG, JPEG, WebP, ...); output size: "
+                   "its size rounded down to the VAE factor unless --height/--width")
+    g.add_argument("--image", metavar="FILE", help="inpainting: the image to repaint (with --mask)")
+    g.add_argument("--mask", metavar="FILE", help="inpainting: white = repaint, black = keep; the size of --image")
+    g.add_argument("--strength", type=float, default=None, help="img2img / inpainting: how far the image is noised, 0 < S <= 1 "
+                   "(default 0.8 img2img, 1.0 inpainting, as diffusers); int(steps x S) steps run")
+    g.add_argument("--mask-blur", type=float, default=0.0, metavar="RADIUS", help="inpainting: Gaussian blur of the mask first (default 0)")
     g.add_argument("--output", required=True, help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--device", default=None, help="default: the device the engines were built for")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import assert_clean_error, sdrt
 from sdrt.image_io import read_metadata
@@ -218,3 +219,55 @@ def test_per_image_batch_noise_makes_every_image_reproducible_alone(tiny_engines
     with Image.open(tmp_path / "b-2.png") as batch, Image.open(tmp_path / "alone.png") as alone:
         assert np.array_equal(np.asarray(batch), np.asarray(alone))  # euler_a: the step noise is per image too
         assert "Seed: 7," in batch.text["parameters"] and "Batch pos" not in batch.text["parameters"]
+
+
+def test_img2img_and_inpainting_without_torch(tiny_engines, no_torch_path, tmp_path):
+    from conftest import half_mask, picture
+
+    picture(70, 54).save(tmp_path / "in.png")
+    half_mask(70, 54).save(tmp_path / "mask.png")
+    result = sdrt("generate", tiny_engines["sd1"], "--prompt", "a blue circle", "--init-image", tmp_path / "in.png", "--strength", "0.6",
+                  "--steps", "10", "--output", tmp_path / "a.png", "--quiet", blocked=no_torch_path)
+    assert result.returncode == 0, result.stderr
+    meta = read_metadata(tmp_path / "a.png")
+    assert meta["task"] == "img2img" and meta["strength"] == 0.6 and (meta["width"], meta["height"]) == (70, 54)
+    result = sdrt("generate", tiny_engines["sd1"], "--prompt", "a blue circle", "--image", tmp_path / "in.png", "--mask", tmp_path / "mask.png",
+                  "--mask-blur", "2", "--steps", "10", "--output", tmp_path / "b.png", "--quiet", blocked=no_torch_path)
+    assert result.returncode == 0, result.stderr
+    meta = read_metadata(tmp_path / "b.png")
+    assert meta["task"] == "inpaint" and meta["strength"] == 1.0 and meta["mask_blur"] == 2.0
+    with Image.open(tmp_path / "b.png") as png:
+        assert "Denoising strength: 1.0, Mask blur: 2.0" in png.text["parameters"]
+
+
+def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tmp_path):
+    from conftest import half_mask, picture
+
+    picture(70, 54).save(tmp_path / "in.png")
+    half_mask(70, 54).save(tmp_path / "mask.png")
+    half_mask(60, 54).save(tmp_path / "small-mask.png")
+    (tmp_path / "notes.txt").write_text("hello")
+    image, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    cases = [
+        (["--init-image", tmp_path / "nope.png"], ["--init-image", "does not exist"]),
+        (["--init-image", tmp_path / "notes.txt"], ["--init-image", "not an image Pillow can read"]),
+        (["--init-image", image, "--image", image, "--mask", mask], ["cannot be combined"]),
+        (["--image", image], ["needs both --image and --mask", "--mask is missing"]),
+        (["--mask", mask], ["--image is missing"]),
+        (["--strength", "0.5"], ["--strength does not apply to txt2img"]),
+        (["--init-image", image, "--strength", "0"], ["--strength 0 is out of range", "0 < strength <= 1"]),
+        (["--init-image", image, "--strength", "1.5"], ["--strength 1.5 is out of range"]),
+        (["--init-image", image, "--strength", "0.01"], ["runs no denoising step"]),
+        (["--init-image", image, "--mask-blur", "3"], ["--mask-blur does not apply to img2img"]),
+        (["--image", image, "--mask", tmp_path / "small-mask.png"], ["--mask is 60x54 but --image is 70x54"]),
+        (["--image", image, "--mask", mask, "--mask-blur", "-1"], ["--mask-blur -1.0 must be"]),
+        (["--init-image", image, "--height", "31"], ["--height 31", "multiple of 2"]),
+    ]
+    for extra, fragments in cases:
+        result = sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--steps", "20", *extra, "--output", tmp_path / "out.png")
+        assert_clean_error(result, *fragments)
+    for extra, fragments in [([], ["run inpaint, not txt2img", "give --image and --mask"]),
+                             (["--init-image", image], ["not img2img"])]:
+        result = sdrt("generate", tiny_inpaint_engines["sd1-inpaint"], "--prompt", "x", *extra, "--output", tmp_path / "out.png")
+        assert_clean_error(result, *fragments)
+    assert not (tmp_path / "out.png").exists()

@@ -33,7 +33,7 @@ def requested_task(req, available: tuple[str, ...]) -> Task:
         name = "img2img"
     elif req.image is not None or req.mask is not None:
         if req.image is None or req.mask is None:
-            raise SdrtError(f"inpainting needs both --image and --mask; {'--mask' if req.image is None else '--image'} is missing")
+            raise SdrtError(f"inpainting needs both --image and --mask; {'--image' if req.image is None else '--mask'} is missing")
         name = "inpaint"
     else:
         name = "txt2img"
