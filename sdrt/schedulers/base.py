@@ -13,6 +13,8 @@ def begin_index(num_steps: int, strength: float) -> int:
     runs 28). Every sdrt scheduler has diffusers' order 1, so the index is the step count skipped."""
     if not 0 < strength <= 1:
         raise SdrtError(f"--strength {strength:g} is out of range: accepted values are 0 < strength <= 1")
+    if num_steps < 1:
+        return 0  # the schedule's own check names the step count
     run = min(int(num_steps * strength), num_steps)
     if run < 1:
         raise SdrtError(f"--strength {strength:g} with --steps {num_steps} runs no denoising step (int(steps x strength) = 0); "
