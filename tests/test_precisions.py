@@ -158,3 +158,33 @@ def test_int8_of_a_graph_whose_weights_are_hard_linked(tmp_path):
 
     assert "MatMulInteger" in {n.op_type for n in onnx.load(str(out)).graph.node}
     assert (cache / "model.onnx.data").stat().st_nlink == 1 and (cache / "model.onnx.data").read_bytes() == cached
+
+
+def test_other_tasks_on_openvino_and_int8(tiny_inpaint_models, tiny_inpaint_engines, built, tiny_engines, tmp_path_factory):
+    """img2img on OpenVINO engines and 9-channel inpainting built for OpenVINO fp32 and ONNX Runtime int8,
+    whose calibration records the inpainting U-Net's own inputs."""
+    from conftest import half_mask, picture
+    from sdrt.exporters.accuracy import record_unet_inputs
+
+    image, mask = picture(40, 32), half_mask(40, 32)
+    ours = generate(built["sd1", "openvino", "fp32"], init_image=image, strength=0.7, steps=10)[0]
+    reference = generate(tiny_engines["sd1"], init_image=image, strength=0.7, steps=10)[0]
+    assert reference.std() > 2 and psnr(ours, reference) >= 70
+
+    root = tmp_path_factory.mktemp("inpaint-precisions")
+    model = tiny_inpaint_models["sd1-inpaint"]
+    build_engines(model, root / "ov", BuildConfig(backend="openvino", accuracy_steps=4))
+    ours = generate(root / "ov", image=image, mask=mask, steps=10)[0]
+    reference = generate(tiny_inpaint_engines["sd1-inpaint"], image=image, mask=mask, steps=10)[0]
+    assert reference.std() > 2 and psnr(ours, reference) >= 70
+
+    pipe = StableDiffusion.from_engine_folder(tiny_inpaint_engines["sd1-inpaint"])
+    try:
+        feeds = record_unet_inputs(pipe, ["a red circle"], 3, (16, 16))
+    finally:
+        pipe.close()
+    assert len(feeds) == 3 and feeds[0]["sample"].shape == (2, 9, 8, 8)  # CFG batch, latents + mask + masked-image latents
+    manifest = build_engines(model, root / "int8", BuildConfig(precision="int8", calibration_steps=4, accuracy_steps=4))
+    assert manifest["tasks"] == ["inpaint"] and np.isfinite(manifest["accuracy"]["min_image_psnr_db"])
+    assert manifest["accuracy"]["components"]["vae_encoder"]["cosine_similarity"] > 0.9
+    assert generate(root / "int8", image=image, mask=mask, steps=6)[0].shape == (32, 40, 3)
