@@ -28,6 +28,7 @@ from sdrt.cpu import cpu_description
 from sdrt.engines.cache import cache_root
 from sdrt.errors import SdrtError
 
+from .measure import TASKS
 from .report import config_name, write_report
 
 MODEL_NAMES = ("tiny", "sd15", "sd21-base", "sd21-v")
@@ -35,7 +36,7 @@ RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v"
 # baseline -> torch dtype of the diffusers pipeline; ratios are against "diffusers" (fp32), the others are further rows
 BASELINES = {"diffusers": "fp32", "diffusers-bf16": "bf16"}
 SHAPES = ("dynamic", "static")  # static: engines built with --static-shape HEIGHTxWIDTH (batch 1)
-ROW_KEYS = ("backend", "precision", "shape", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
+ROW_KEYS = ("task", "backend", "precision", "shape", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
             "peak_rss_mb", "engine_mb", "unet_gflops", "roofline_fraction", "speedup_vs_baseline", "memory_vs_baseline")
 
 
@@ -54,6 +55,7 @@ class BenchConfig:
     warmup: int = 1
     threads: int = 0
     baselines: tuple[str, ...] = ("diffusers",)  # () for none
+    tasks: tuple[str, ...] = ("txt2img",)  # each configuration and baseline is timed on each, in its own process
     build_args: tuple[str, ...] = ()  # passed through to `sdrt build`
 
     def __post_init__(self):
@@ -62,6 +64,8 @@ class BenchConfig:
                             "(comma-separated), or none")
         if self.repeat < 1 or self.warmup < 0 or self.steps < 1:
             raise SdrtError("--repeat and --steps must be >= 1, --warmup >= 0")
+        if not self.tasks or set(self.tasks) - set(TASKS):
+            raise SdrtError(f"--tasks {','.join(self.tasks)!r} is not supported: accepted values are {', '.join(TASKS)} (comma-separated)")
         if not self.shapes or set(self.shapes) - set(SHAPES):
             raise SdrtError(f"--shapes {','.join(self.shapes)!r} is not supported: accepted values are {', '.join(SHAPES)}")
 
@@ -156,7 +160,7 @@ def run(cfg: BenchConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg.model)
     configs = [(b, p, s) for b in cfg.backends for p in cfg.precisions for s in cfg.shapes]
-    total = 2 + 2 * len(configs) + len(cfg.baselines)
+    total = 2 + (1 + len(cfg.tasks)) * len(configs) + len(cfg.baselines) * len(cfg.tasks)
     done = 0
     common = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "scheduler": cfg.scheduler, "repeat": cfg.repeat,
               "warmup": cfg.warmup, "threads": cfg.threads}
@@ -169,11 +173,12 @@ def run(cfg: BenchConfig) -> dict:
     done += 1
     rows, skipped = [], []
     for baseline in cfg.baselines:
-        dtype = BASELINES[baseline]
-        _status(done, total, f"timing the {baseline} baseline (PyTorch eager {dtype})", started)
-        rows.append({"backend": "diffusers", "precision": dtype, "shape": "dynamic", "build_s": None, "engine_mb": None,
-                     **_worker({"kind": "diffusers", "model": model, "dtype": dtype, **common}, logs / f"{baseline}.log")})
-        done += 1
+        for task in cfg.tasks:
+            dtype = BASELINES[baseline]
+            _status(done, total, f"timing the {baseline} baseline (PyTorch eager {dtype}, {task})", started)
+            rows.append({"task": task, "backend": "diffusers", "precision": dtype, "shape": "dynamic", "build_s": None, "engine_mb": None,
+                         **_worker({"kind": "diffusers", "model": model, "dtype": dtype, "task": task, **common}, logs / f"{baseline}-{task}.log")})
+            done += 1
     for backend, precision, shape in configs:
         name = config_name(backend, precision, shape)
         slug = name.replace(" ", "-")
@@ -189,19 +194,21 @@ def run(cfg: BenchConfig) -> dict:
         if build.returncode != 0:
             skipped.append({"backend": backend, "precision": precision, "shape": shape, "reason": build.reason(),
                             "exit_status": build.returncode, "peak_rss_mb": build.peak_rss_mb, "log": str(build.log)})
-            done += 1
+            done += len(cfg.tasks)
             continue
-        _status(done, total, f"timing {name}", started)
         manifest = json.loads((engines / "manifest.json").read_text())
-        row = {"backend": backend, "precision": precision, "shape": shape, "build_s": build_s, "engine_mb": _folder_mb(engines),
-               **_worker({"kind": "sdrt", "engines": engines, **common}, logs / f"time-{slug}.log")}
         accuracy = manifest.get("accuracy") or {}
-        row["image_psnr_vs_fp32_db"] = None if accuracy.get("reference") else accuracy.get("min_image_psnr_db")
-        row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}
-        rows.append(row)
-        done += 1
-    baseline = next((r for r in rows if (r["backend"], r["precision"]) == ("diffusers", BASELINES["diffusers"])), None)
+        for task in cfg.tasks:
+            _status(done, total, f"timing {name}, {task}", started)
+            row = {"task": task, "backend": backend, "precision": precision, "shape": shape, "build_s": build_s, "engine_mb": _folder_mb(engines),
+                   **_worker({"kind": "sdrt", "engines": engines, "task": task, **common}, logs / f"time-{slug}-{task}.log")}
+            row["image_psnr_vs_fp32_db"] = None if accuracy.get("reference") else accuracy.get("min_image_psnr_db")
+            row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}
+            rows.append(row)
+            done += 1
+    baselines = {r["task"]: r for r in rows if (r["backend"], r["precision"]) == ("diffusers", BASELINES["diffusers"])}
     for row in rows:
+        baseline = baselines.get(row["task"])
         row["unet_gflops"] = unet_gflop / row["unet_step_s"]
         row["roofline_fraction"] = row["unet_gflops"] / gemm
         row["speedup_vs_baseline"] = baseline["e2e_s"] / row["e2e_s"] if baseline else None

@@ -3,8 +3,10 @@ a fresh one per configuration so that peak memory belongs to that configuration 
 
     python -m sdrt.benchmarks.measure '{"kind": "sdrt", "engines": ..., ...}'   -> one JSON line
 
-Kinds: "sdrt" (an engine folder), "diffusers" (the baseline: StableDiffusionPipeline, PyTorch eager
-fp32 or bf16), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
+Kinds: "sdrt" (an engine folder), "diffusers" (the baseline: the task's diffusers pipeline, PyTorch
+eager fp32 or bf16), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
+Tasks: txt2img, img2img (strength 0.8), inpaint (the middle half masked, strength 1.0): the inputs
+are the same picture for sdrt and diffusers.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ from pathlib import Path
 import numpy as np
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
+TASKS = ("txt2img", "img2img", "inpaint")
+DIFFUSERS_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                       "inpaint": "StableDiffusionInpaintPipeline"}
+
+
+def task_inputs(task: str, height: int, width: int) -> dict:
+    """GenerateRequest fields of the task: a smooth picture of the output's size and, for inpainting, a mask."""
+    from PIL import Image
+
+    colours = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    picture = Image.fromarray(colours).resize((width, height), Image.Resampling.BICUBIC)
+    if task == "img2img":
+        return {"init_image": picture}
+    if task == "inpaint":
+        mask = np.zeros((height, width), dtype=np.uint8)
+        mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+        return {"image": picture, "mask": Image.fromarray(mask)}
+    return {}
 
 
 def _peak_rss_mb() -> float:
@@ -67,7 +87,8 @@ def measure_sdrt(a: dict) -> dict:
             pipe.close()
     timed = {name: TimedEngine(engine) for name, engine in pipe.engines.items()}
     pipe.engines.update(timed)
-    req = GenerateRequest(prompt=PROMPT, steps=a["steps"], guidance=7.5, seed=0, scheduler=a["scheduler"], height=a["height"], width=a["width"])
+    req = GenerateRequest(prompt=PROMPT, steps=a["steps"], guidance=7.5, seed=0, scheduler=a["scheduler"], height=a["height"], width=a["width"],
+                          **task_inputs(a["task"], a["height"], a["width"]))
     for _ in range(a["warmup"]):
         pipe.generate(req, progress=False)
     e2e = []
@@ -113,7 +134,7 @@ def measure_diffusers(a: dict) -> dict:
     loads = []
     for _ in range(2):
         started = time.perf_counter()
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(a["model"], safety_checker=None, torch_dtype=dtype)
+        pipe = getattr(diffusers, DIFFUSERS_PIPELINES[a["task"]]).from_pretrained(a["model"], safety_checker=None, torch_dtype=dtype)
         loads.append(time.perf_counter() - started)
         if len(loads) == 1:
             del pipe
@@ -129,10 +150,14 @@ def measure_diffusers(a: dict) -> dict:
     timer(pipe.unet, "unet")
     timer(pipe.vae.decoder, "vae_decoder")
 
+    inputs = task_inputs(a["task"], a["height"], a["width"])
+    images = {"init_image": "image", "image": "image", "mask": "mask_image"}  # sdrt's request fields -> diffusers' arguments
+    size = {} if a["task"] == "img2img" else {"height": a["height"], "width": a["width"]}  # img2img takes the image's size
+
     def run():
         with torch.inference_mode():
-            pipe(PROMPT, num_inference_steps=a["steps"], guidance_scale=7.5, height=a["height"], width=a["width"],
-                 generator=torch.Generator().manual_seed(0))
+            pipe(PROMPT, num_inference_steps=a["steps"], guidance_scale=7.5, generator=torch.Generator().manual_seed(0), **size,
+                 **{images[k]: v for k, v in inputs.items()})
 
     for _ in range(a["warmup"]):
         run()

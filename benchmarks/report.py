@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLUMNS = [
-    ("configuration", None), ("e2e s", "e2e_s"), ("speed-up", "speedup_vs_baseline"), ("U-Net step s (p90)", None),
+    ("configuration", None), ("task", "task"), ("e2e s", "e2e_s"), ("speed-up", "speedup_vs_baseline"), ("U-Net step s (p90)", None),
     ("text enc s", "text_encoder_s"), ("VAE dec s", "vae_decode_s"), ("VAE enc s", "vae_encode_s"), ("load s cold/warm", None),
     ("peak RSS MB", "peak_rss_mb"), ("memory ratio", "memory_vs_baseline"), ("engine MB", "engine_mb"), ("build s", "build_s"),
     ("U-Net GFLOP/s", "unet_gflops"), ("of roofline", "roofline_fraction"), ("PSNR vs fp32 dB", "image_psnr_vs_fp32_db"),
@@ -40,7 +40,7 @@ def _label(row: dict) -> str:
 def markdown(results: dict) -> str:
     c, m = results["config"], results["machine"]
     lines = [
-        f"# sdrt bench: {c['model']} at {c['width']}x{c['height']}, {c['steps']} steps, {c['scheduler']}",
+        f"# sdrt bench: {c['model']} at {c['width']}x{c['height']}, {c['steps']} steps, {c['scheduler']}, {', '.join(c.get('tasks', ['txt2img']))}",
         "",
         f"{c['date']}; {m['model']}, {m['cores']} cores ({' '.join(m['features'])}), {m['ram_mb']} MB RAM; threads {c['threads'] or 'all'}; "
         f"median of {c['repeat']} after {c['warmup']} warm-up; fp32 GEMM {results['gemm_gflops']:.0f} GFLOP/s; "
@@ -80,7 +80,7 @@ def chart(results: dict, path: Path) -> None:
         for k, row in enumerate(rows):
             y = top + k * row_h
             if panel == 0:
-                draw.text((8, y + 6), _label(row), fill="black")
+                draw.text((8, y + 6), f"{_label(row)}, {row.get('task', 'txt2img')}", fill="black")
             length = int(bar_w * row[key] / top_value)
             draw.rectangle([x0, y + 4, x0 + length, y + row_h - 4], fill=color)
             draw.text((x0 + length + 6, y + 6), _fmt(row[key]), fill="black")

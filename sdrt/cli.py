@@ -140,7 +140,7 @@ def _bench(args: argparse.Namespace) -> None:
 
     cfg = BenchConfig(model=args.model, out=Path(args.out), backends=_names("--backends", args.backends),
                       precisions=_names("--precisions", args.precisions), shapes=_names("--shapes", args.shapes), height=args.height, width=args.width, steps=args.steps,
-                      scheduler=args.scheduler, repeat=args.repeat, warmup=args.warmup, threads=usable_threads("--threads", args.threads), baselines=() if args.baseline == "none" else _names("--baseline", args.baseline),
+                      scheduler=args.scheduler, tasks=_names("--tasks", args.tasks), repeat=args.repeat, warmup=args.warmup, threads=usable_threads("--threads", args.threads), baselines=() if args.baseline == "none" else _names("--baseline", args.baseline),
                       build_args=tuple(args.build_arg))
     results = run(cfg)
     from .benchmarks.report import markdown
@@ -316,6 +316,8 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--width", type=int, default=512)
     bn.add_argument("--steps", type=int, default=20)
     bn.add_argument("--scheduler", default="dpmpp_2m")
+    bn.add_argument("--tasks", default="txt2img", help="comma-separated: txt2img (default), img2img, inpaint; each timed against "
+                    "the matching diffusers pipeline")
     bn.add_argument("--repeat", type=int, default=1, help="timed generations per configuration (median reported)")
     bn.add_argument("--warmup", type=int, default=1, help="untimed generations first")
     bn.add_argument("--threads", type=int, default=0, help="threads for every configuration and the baseline (0: all cores)")
