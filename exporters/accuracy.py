@@ -33,15 +33,18 @@ class RecordingEngine:
 
 
 def _task_inputs(tasks: tuple[str, ...], size: tuple[int, int], seed: int) -> dict:
-    """What a model that cannot draw from text alone needs: for inpainting models, a smooth picture with
-    its middle masked."""
+    """What a model that cannot draw from text alone needs: a smooth picture (inpainting models: with its
+    middle masked; depth-to-image models: to estimate depth from)."""
     if "txt2img" in tasks:
         return {}
     height, width = size
     colours = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    picture = Image.fromarray(colours).resize((width, height), Image.Resampling.BICUBIC)
+    if "depth" in tasks:
+        return {"init_image": picture}
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return {"image": Image.fromarray(colours).resize((width, height), Image.Resampling.BICUBIC), "mask": Image.fromarray(mask)}
+    return {"image": picture, "mask": Image.fromarray(mask)}
 
 
 def _requests(pipe: StableDiffusion, prompts: list[str], steps: int, size: tuple[int, int], num_images: int = 1) -> list[GenerateRequest]:

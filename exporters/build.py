@@ -40,7 +40,8 @@ from . import prompts
 log = logging.getLogger(__name__)
 
 EXPORT_TOLERANCE = 1e-3  # max abs error of an fp32 graph against torch before the build fails
-MODEL_EXTRAS = "sdrt.json"  # optional, in a model folder: recommended defaults and domain prompts
+MODEL_EXTRAS = "sdrt.json"
+WEIGHT_FOLDERS = ("text_encoder", "unet", "vae", "depth_estimator")  # those a model has are exported  # optional, in a model folder: recommended defaults and domain prompts
 
 
 def _scheduler_config(model_dir: Path) -> dict:
@@ -85,7 +86,7 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
 
     from . import onnx_export
 
-    sources = [p for sub in ("text_encoder", "unet", "vae") for p in sorted((model_dir / sub).rglob("*")) if p.is_file()]
+    sources = [p for sub in WEIGHT_FOLDERS for p in sorted((model_dir / sub).rglob("*")) if p.is_file()]
     key = cache_key("export", files={p.relative_to(model_dir).as_posix(): file_sha256(p) for p in sources},
                     torch=torch.__version__, opset=onnx_export.OPSET, specs={k: v.to_json() for k, v in specs.items()})
     errors, hit, hashes = {}, True, {}
@@ -99,7 +100,7 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
         log.info("export: the build cache has it (%s)", ", ".join(specs))
     else:
         log.info("loading the model's weights")
-        modules = _load_modules(model_dir)
+        modules = _load_modules(model_dir, tuple(specs))
         for name, module in modules.items():
             log.info("exporting %s", name)
             shutil.rmtree(staging / name, ignore_errors=True)
@@ -116,7 +117,7 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
     return errors, hit, {p: h for p, h in hashes.items() if p.exists()}
 
 
-def _load_modules(model_dir: Path) -> dict:
+def _load_modules(model_dir: Path, names: tuple[str, ...]) -> dict:
     """The torch modules, with weights the loaders can read safely, or one clear error."""
     import pickle
 
@@ -131,9 +132,9 @@ def _load_modules(model_dir: Path) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols
-            return onnx_export.load_modules(model_dir)
+            return onnx_export.load_modules(model_dir, names)
     except (OSError, pickle.UnpicklingError, RuntimeError, ValueError) as exc:
-        pickles = sorted(p.relative_to(model_dir).as_posix() for sub in ("text_encoder", "unet", "vae") for p in (model_dir / sub).glob("*.bin"))
+        pickles = sorted(p.relative_to(model_dir).as_posix() for sub in WEIGHT_FOLDERS for p in (model_dir / sub).glob("*.bin"))
         if pickles:
             raise SdrtError(f"{model_dir}: the weights in {', '.join(pickles)} are a pickle that torch's safe loader (weights_only) refuses; "
                             "sdrt never runs code from a model file: convert it to .safetensors with a tool you trust") from None

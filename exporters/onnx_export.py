@@ -64,7 +64,16 @@ class VaeEncoder(torch.nn.Module):
         return self.model.encode(sample, return_dict=False)[0].parameters
 
 
-def load_modules(model_dir: Path) -> dict[str, torch.nn.Module]:
+class DepthEstimator(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):  # (B, 3, h, w) as the DPT image processor makes them -> (B, h', w') relative depth
+        return self.model(pixel_values, return_dict=False)[0]
+
+
+def load_modules(model_dir: Path, names: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")) -> dict[str, torch.nn.Module]:
     text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32)
@@ -74,7 +83,11 @@ def load_modules(model_dir: Path) -> dict[str, torch.nn.Module]:
         "vae_decoder": VaeDecoder(vae),
         "vae_encoder": VaeEncoder(vae),
     }
-    return {name: m.eval() for name, m in modules.items()}
+    if "depth_estimator" in names:
+        from transformers import DPTForDepthEstimation
+
+        modules["depth_estimator"] = DepthEstimator(DPTForDepthEstimation.from_pretrained(model_dir / "depth_estimator", torch_dtype=torch.float32))
+    return {name: modules[name].eval() for name in names}
 
 
 def trace_sizes(info: ModelInfo) -> dict[str, int]:

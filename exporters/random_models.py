@@ -7,6 +7,8 @@ are seeded, so a kind always gives the same model.
   sd2:  tiny: v-prediction, linear projections, upcast attention, GELU text encoder,
         pad token "!", DDIM scheduler config, 4x VAE
   sd1-inpaint, sd2-inpaint: the same with a 9-channel inpainting U-Net (StableDiffusionInpaintPipeline)
+  sd2-depth: sd2 with a 5-channel depth-to-image U-Net and a tiny DPT depth estimator
+        (StableDiffusionDepth2ImgPipeline)
   sd15: the full-size SD 1.5 architecture (859.5 M-parameter U-Net, 3.4 GB in fp32), for speed
         and memory measurements: random weights run as fast as trained ones in fp32
   sd21-base, sd21-v: the full-size SD 2.1 architectures (OpenCLIP-H text encoder, linear
@@ -18,13 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd15", "sd21-base", "sd21-v")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd15", "sd21-base", "sd21-v")
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
@@ -33,7 +35,7 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         raise ValueError(f"kind {kind!r}: accepted values are {', '.join(KINDS)}")
     if kind in ("sd15", "sd21-base", "sd21-v"):
         return _make_full_size(kind, out, seed)
-    sd2, inpaint = kind.startswith("sd2"), kind.endswith("-inpaint")
+    sd2, inpaint, depth = kind.startswith("sd2"), kind.endswith("-inpaint"), kind.endswith("-depth")
     torch.manual_seed(seed)
     hidden = 32
     text_encoder = CLIPTextModel(
@@ -45,7 +47,7 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
     )
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=9 if inpaint else 4,  # inpainting: latents, mask, masked-image latents
+        in_channels=9 if inpaint else 5 if depth else 4,  # inpainting: latents, mask, masked-image latents; depth: latents, depth
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -69,8 +71,25 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         sample_size=8 * 2 ** (len(vae_blocks) - 1),
         scaling_factor=0.18215,
     )
+    if depth:
+        return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!", pipeline=StableDiffusionDepth2ImgPipeline,
+                     **_tiny_depth_estimator())
     return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!" if sd2 else "<|endoftext|>",
                  pipeline=StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)
+
+
+def _tiny_depth_estimator() -> dict:
+    """A ViT-backbone DPT (the real SD 2 depth model uses DPT-Hybrid) at 32x32, whose head is re-drawn so
+    that its depth is not all zero after the final ReLU, and its image processor."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    model = DPTForDepthEstimation(DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=32, patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, reassemble_factors=[4, 2, 1, 0.5]))
+    for name, param in model.head.named_parameters():
+        torch.nn.init.normal_(param, mean=0.2 if name.endswith("bias") else 0.0, std=0.3)
+    processor = DPTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3, keep_aspect_ratio=False)
+    return {"depth_estimator": model, "feature_extractor": processor}
 
 
 def scheduler_for(kind: str):
@@ -99,13 +118,12 @@ def _make_full_size(kind: str, out: Path, seed: int) -> Path:
     return _save(out, text_encoder, unet, vae, scheduler, pad_token="!" if sd2 else "<|endoftext|>")
 
 
-def _save(out: Path, text_encoder, unet, vae, scheduler, pad_token: str, pipeline=StableDiffusionPipeline) -> Path:
+def _save(out: Path, text_encoder, unet, vae, scheduler, pad_token: str, pipeline=StableDiffusionPipeline, **extra) -> Path:
     tok_dir = out / "tokenizer"
     write_clip_tokenizer(tok_dir, pad_token=pad_token)
-    pipe = pipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    safety = {} if extra else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = pipeline(vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(tok_dir), unet=unet, scheduler=scheduler,
+                    **safety, **extra)
     pipe.save_pretrained(out, safe_serialization=True)
     write_clip_tokenizer(tok_dir, pad_token=pad_token)  # plain files, as hub folders have them
     return out

@@ -81,12 +81,15 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from .depth import load_depth_map
     from .image_input import load_image
     from .image_io import check_writable, output_paths, save_png
     from .pipeline import GenerateRequest, StableDiffusion
 
     images = {field: load_image(Path(getattr(args, field)), f"--{field.replace('_', '-')}")
               for field in ("init_image", "image", "mask") if getattr(args, field) is not None}
+    if args.depth_map is not None:
+        images["depth_map"] = load_depth_map(Path(args.depth_map))
     req = GenerateRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
@@ -278,6 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None, help="img2img / inpainting: how far the image is noised, 0 < S <= 1 "
                    "(default 0.8 img2img, 1.0 inpainting, as diffusers); int(steps x S) steps run")
     g.add_argument("--mask-blur", type=float, default=0.0, metavar="RADIUS", help="inpainting: Gaussian blur of the mask first (default 0)")
+    g.add_argument("--depth-map", metavar="FILE", help="depth to image: the depth of --init-image (greyscale, 8 or 16 bit, brighter = "
+                   "nearer); default: estimated by the folder's depth estimator")
     g.add_argument("--output", required=True, help="PNG path; several images are written as NAME-0.png, NAME-1.png, ...")
     g.add_argument("--overwrite", action="store_true", help="replace existing output files")
     g.add_argument("--device", default=None, help="default: the device the engines were built for")

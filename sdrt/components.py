@@ -54,7 +54,7 @@ class ComponentSpec:
 
 def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
     c, c_out, c_vae = info.latent_channels, info.unet_out_channels, info.vae_latent_channels
-    return {
+    specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
             (TensorSpec("input_ids", "int64", ("batch", info.text_max_length)),),
@@ -80,3 +80,11 @@ def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
             (TensorSpec("latent_parameters", "float32", ("batch", 2 * c_vae, "latent_height", "latent_width")),),
         ),
     }
+    if info.depth_processor:  # DPT at its processor's fixed input size; its output size is the model's own
+        size = (info.depth_processor["height"], info.depth_processor["width"])
+        specs["depth_estimator"] = ComponentSpec(
+            "depth_estimator",
+            (TensorSpec("pixel_values", "float32", ("batch", 3, *size)),),
+            (TensorSpec("predicted_depth", "float32", ("batch", "depth_height", "depth_width")),),
+        )
+    return specs

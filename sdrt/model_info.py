@@ -15,7 +15,8 @@ from .errors import SdrtError
 from .schedulers.config import CommonConfig
 
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                       "StableDiffusionDepth2ImgPipeline")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class ModelInfo:
     prediction_type: str
     default_height: int  # unet.sample_size * vae_scale_factor
     default_width: int
+    depth_processor: dict | None = None  # depth-to-image with a depth estimator: its image processor (sdrt.depth)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,6 +120,11 @@ def read_model_info(model_dir: Path) -> ModelInfo:
     if prediction_type not in CommonConfig.PREDICTION_TYPES:
         raise SdrtError(f"{sched_path}: prediction_type {prediction_type!r} is not accepted: accepted values are {', '.join(CommonConfig.PREDICTION_TYPES)}")
     cross_attention_dim = unet.get("cross_attention_dim")
+    depth_processor = None
+    if pipeline == "StableDiffusionDepth2ImgPipeline" and (index.get("depth_estimator") or [None])[0] is not None:
+        from .depth import read_dpt_processor
+
+        depth_processor = read_dpt_processor(model_dir / "feature_extractor" / "preprocessor_config.json")
     return ModelInfo(
         pipeline=pipeline,
         latent_channels=_int(unet, paths["unet"], "in_channels", 1, 64, default=4),
@@ -133,4 +140,5 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         prediction_type=prediction_type,
         default_height=height,
         default_width=width,
+        depth_processor=depth_processor,
     )

@@ -62,6 +62,7 @@ class GenerateRequest:
     mask: Image.Image | None = None  # inpainting: white = repaint, black = keep (same size as `image`)
     strength: float | None = None  # img2img / inpainting: how far the image is noised, (0, 1]; None: the task's default
     mask_blur: float = 0.0  # inpainting: Gaussian blur radius applied to the mask first (diffusers' VaeImageProcessor.blur)
+    depth_map: np.ndarray | None = None  # depth to image: (H, W) depths, brighter = nearer; None: estimated by the folder's DPT engine
 
 
 @dataclasses.dataclass(frozen=True)

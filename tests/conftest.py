@@ -48,6 +48,20 @@ def tiny_inpaint_engines(tiny_inpaint_models, tmp_path_factory) -> dict[str, Pat
     return {kind: root / kind for kind in tiny_inpaint_models}
 
 
+@pytest.fixture(scope="session")
+def tiny_depth(tmp_path_factory) -> tuple[Path, Path]:
+    """(model, engines) of a tiny SD2 depth-to-image model with a DPT depth estimator."""
+    pytest.importorskip("diffusers")
+    from sdrt.engines.base import BuildConfig
+    from sdrt.exporters.build import build_engines
+    from sdrt.exporters.random_models import make_random_model
+
+    root = tmp_path_factory.mktemp("depth")
+    model = make_random_model("sd2-depth", root / "model")
+    build_engines(model, root / "engines", BuildConfig(backend="onnxruntime"))
+    return model, root / "engines"
+
+
 def picture(width: int, height: int, seed: int = 0):
     """A PIL RGB picture with structure at every scale: a smooth colour field, a disc and a bar."""
     from PIL import Image, ImageDraw

@@ -266,6 +266,10 @@ def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_in
     for extra, fragments in cases:
         result = sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--steps", "20", *extra, "--output", tmp_path / "out.png")
         assert_clean_error(result, *fragments)
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "flat.png")
+    for extra, fragments in [(["--init-image", image, "--depth-map", mask], ["--depth-map does not apply to img2img"]),
+                             (["--init-image", image, "--depth-map", tmp_path / "flat.png"], ["--depth-map", "is flat"])]:
+        assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
     for extra, fragments in [([], ["run inpaint, not txt2img", "give --image and --mask"]),
                              (["--init-image", image], ["not img2img"])]:
         result = sdrt("generate", tiny_inpaint_engines["sd1-inpaint"], "--prompt", "x", *extra, "--output", tmp_path / "out.png")

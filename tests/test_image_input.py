@@ -2,6 +2,7 @@
 and every kind of file a user has (RGBA, greyscale, 16-bit, palette, EXIF-rotated, WebP, JPEG)."""
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -92,3 +93,45 @@ def test_images_above_the_pixel_limit_are_refused_with_the_way_out(tmp_path, mon
         load_image(path, "--init-image")
     monkeypatch.setenv(MAX_PIXELS_ENV, "8000")
     assert load_image(path, "--init-image").size == (100, 80)
+
+
+@pytest.mark.parametrize("shape,size", [((1, 1, 64, 64), (8, 8)), ((1, 1, 37, 53), (9, 13)), ((1, 1, 10, 7), (31, 29)), ((2, 1, 96, 96), (24, 16))])
+def test_bicubic_resize_matches_torch(shape, size):
+    from sdrt.depth import bicubic_resize
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x), size=size, mode="bicubic", align_corners=False).numpy()
+    assert np.abs(bicubic_resize(x, *size) - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_dpt_pixel_values_match_transformers(tmp_path):
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    from sdrt.depth import dpt_pixel_values, read_dpt_processor
+
+    processor = DPTImageProcessorPil(size={"height": 40, "width": 56}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
+    processor.save_pretrained(tmp_path)
+    image = picture(90, 70)
+    ref = np.asarray(processor(images=image).pixel_values[0])
+    ours = dpt_pixel_values(image, read_dpt_processor(tmp_path / "preprocessor_config.json"))[0]
+    assert ours.shape == ref.shape == (3, 40, 56)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**config, "keep_aspect_ratio": True}))
+    with pytest.raises(SdrtError, match="keep_aspect_ratio = True is not supported"):
+        read_dpt_processor(tmp_path / "preprocessor_config.json")
+
+
+def test_depth_map_files(tmp_path):
+    from sdrt.depth import load_depth_map
+
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "flat.png")
+    with pytest.raises(SdrtError, match="--depth-map .*flat.png is flat"):
+        load_depth_map(tmp_path / "flat.png")
+    with pytest.raises(SdrtError, match="--depth-map .*missing.png does not exist"):
+        load_depth_map(tmp_path / "missing.png")
+    (tmp_path / "notes.png").write_text("x")
+    with pytest.raises(SdrtError, match="is not an image Pillow can read"):
+        load_depth_map(tmp_path / "notes.png")
+    picture(20, 10).save(tmp_path / "colour.jpg")
+    assert load_depth_map(tmp_path / "colour.jpg").shape == (10, 20)  # colour files are read as their luminance

@@ -102,3 +102,37 @@ def test_inpainting_matches_diffusers(kind, scheduler, steps, guidance, strength
     finally:
         pipe.close()
     _compare(got, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler,steps,guidance,strength,given_map", [
+    ("ddim", 20, 7.5, 0.8, False),  # depth estimated by the folder's DPT engine
+    ("dpmpp_2m", 20, 7.5, 0.6, True),  # a 16-bit depth map file
+    ("euler_a", 12, 1.0, 0.7, False),
+])
+def test_depth_to_image_matches_diffusers(scheduler, steps, guidance, strength, given_map, tiny_depth, tmp_path):
+    from PIL import Image
+
+    from sdrt.depth import load_depth_map
+
+    model, engines = tiny_depth
+    image, seed = picture(70, 54, seed=2), 11
+    depth = None
+    if given_map:
+        ramp = np.add.outer(np.linspace(0, 40000, 27), np.linspace(0, 20000, 35)).astype(np.uint16)  # nearer towards the bottom right
+        Image.fromarray(ramp).save(tmp_path / "depth.png")
+        depth = load_depth_map(tmp_path / "depth.png")
+        assert depth.dtype == np.float32 and depth.max() == 60000
+    ref = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(model)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[scheduler]).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = _as_uint8(ref(PROMPT, image=image, depth_map=None if depth is None else torch.from_numpy(depth)[None],
+                             negative_prompt=NEGATIVE, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
+                             generator=torch.Generator().manual_seed(seed), output_type="np").images)
+    pipe = StableDiffusion.from_engine_folder(engines)
+    try:
+        got = pipe.generate(GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=guidance, seed=seed,
+                                            scheduler=scheduler, init_image=image, depth_map=depth, strength=strength), progress=False)
+    finally:
+        pipe.close()
+    _compare(got, expected)
