@@ -32,7 +32,7 @@ class RecordingEngine:
         self.engine.close()
 
 
-def _task_inputs(tasks: tuple[str, ...], size: tuple[int, int], seed: int) -> dict:
+def _task_inputs(tasks: tuple[str, ...], size: tuple[int, int], seed: int, factor: int) -> dict:
     """What a model that cannot draw from text alone needs: a smooth picture (inpainting models: with its
     middle masked; depth-to-image models: to estimate depth from)."""
     if "txt2img" in tasks:
@@ -42,6 +42,8 @@ def _task_inputs(tasks: tuple[str, ...], size: tuple[int, int], seed: int) -> di
     picture = Image.fromarray(colours).resize((width, height), Image.Resampling.BICUBIC)
     if "depth" in tasks:
         return {"init_image": picture}
+    if "upscale" in tasks:
+        return {"image": picture.resize((width // factor, height // factor), Image.Resampling.BICUBIC)}
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
     return {"image": picture, "mask": Image.fromarray(mask)}
@@ -50,7 +52,7 @@ def _task_inputs(tasks: tuple[str, ...], size: tuple[int, int], seed: int) -> di
 def _requests(pipe: StableDiffusion, prompts: list[str], steps: int, size: tuple[int, int], num_images: int = 1) -> list[GenerateRequest]:
     """The build's reference runs, in the model's own task (its U-Net's calibration data are its own inputs)."""
     return [GenerateRequest(prompt=p, steps=steps, guidance=7.5, seed=1000 + k, scheduler="dpmpp_2m", height=size[0], width=size[1],
-                            num_images=num_images, **_task_inputs(pipe.tasks, size, k)) for k, p in enumerate(prompts)]
+                            num_images=num_images, **_task_inputs(pipe.tasks, size, k, pipe.info.vae_scale_factor)) for k, p in enumerate(prompts)]
 
 
 def record_unet_inputs(reference: StableDiffusion, prompts: list[str], steps: int, size: tuple[int, int]) -> list[dict[str, np.ndarray]]:

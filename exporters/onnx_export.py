@@ -42,8 +42,8 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sample, timestep, encoder_hidden_states):  # (B, C, h, w), (B,), (B, S, D) -> (B, C, h, w)
-        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):  # (B, C, h, w), (B,), (B, S, D)[, (B,)] -> (B, C', h, w)
+        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
 
 
 class VaeDecoder(torch.nn.Module):

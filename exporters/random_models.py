@@ -9,6 +9,8 @@ are seeded, so a kind always gives the same model.
   sd1-inpaint, sd2-inpaint: the same with a 9-channel inpainting U-Net (StableDiffusionInpaintPipeline)
   sd2-depth: sd2 with a 5-channel depth-to-image U-Net and a tiny DPT depth estimator
         (StableDiffusionDepth2ImgPipeline)
+  sd2-upscale: sd2 as the x4 upscaler: 7-channel U-Net with 1000 noise-level classes, x4 VAE,
+        DDPM low-resolution scheduler (StableDiffusionUpscalePipeline)
   sd15: the full-size SD 1.5 architecture (859.5 M-parameter U-Net, 3.4 GB in fp32), for speed
         and memory measurements: random weights run as fast as trained ones in fp32
   sd21-base, sd21-v: the full-size SD 2.1 architectures (OpenCLIP-H text encoder, linear
@@ -20,13 +22,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionDepth2ImgPipeline, StableDiffusionInpaintPipeline,
-                       StableDiffusionPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionDepth2ImgPipeline,
+                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd15", "sd21-base", "sd21-v")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd2-upscale", "sd15", "sd21-base", "sd21-v")
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
@@ -35,7 +37,7 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         raise ValueError(f"kind {kind!r}: accepted values are {', '.join(KINDS)}")
     if kind in ("sd15", "sd21-base", "sd21-v"):
         return _make_full_size(kind, out, seed)
-    sd2, inpaint, depth = kind.startswith("sd2"), kind.endswith("-inpaint"), kind.endswith("-depth")
+    sd2, inpaint, depth, upscale = kind.startswith("sd2"), kind.endswith("-inpaint"), kind.endswith("-depth"), kind.endswith("-upscale")
     torch.manual_seed(seed)
     hidden = 32
     text_encoder = CLIPTextModel(
@@ -47,7 +49,8 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
     )
     unet = UNet2DConditionModel(
         sample_size=8,
-        in_channels=9 if inpaint else 5 if depth else 4,  # inpainting: latents, mask, masked-image latents; depth: latents, depth
+        in_channels=9 if inpaint else 5 if depth else 7 if upscale else 4,  # + mask and masked-image latents, depth, low-res image
+        num_class_embeds=1000 if upscale else None,  # the upscaler's noise level
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -71,6 +74,11 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         sample_size=8 * 2 ** (len(vae_blocks) - 1),
         scaling_factor=0.18215,
     )
+    if upscale:
+        vae.register_to_config(scaling_factor=0.08333)
+        return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!", pipeline=StableDiffusionUpscalePipeline,
+                     low_res_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+                     max_noise_level=350)
     if depth:
         return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!", pipeline=StableDiffusionDepth2ImgPipeline,
                      **_tiny_depth_estimator())

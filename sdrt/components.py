@@ -43,7 +43,9 @@ class ComponentSpec:
         feeds = {}
         for t in self.inputs:
             shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.dims)
-            if np.issubdtype(np.dtype(t.dtype), np.integer):
+            if t.name == "class_labels":
+                feeds[t.name] = rng.integers(0, sizes.get("classes", 350), size=shape).astype(t.dtype)
+            elif np.issubdtype(np.dtype(t.dtype), np.integer):
                 feeds[t.name] = rng.integers(0, sizes.get("vocab", 1000), size=shape).astype(t.dtype)
             elif t.name == "timestep":
                 feeds[t.name] = rng.uniform(0, 999, size=shape).astype(t.dtype)
@@ -54,6 +56,7 @@ class ComponentSpec:
 
 def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
     c, c_out, c_vae = info.latent_channels, info.unet_out_channels, info.vae_latent_channels
+    class_labels = (TensorSpec("class_labels", "int64", ("batch",)),) if info.class_labels == "noise_level" else ()
     specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
@@ -66,6 +69,7 @@ def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
                 TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
                 TensorSpec("timestep", "float32", ("batch",)),
                 TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", info.cross_attention_dim)),
+                *class_labels,  # the x4 upscaler's noise level
             ),
             (TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width")),),
         ),

@@ -65,9 +65,10 @@ def default_size(image: Image.Image, factor: int) -> tuple[int, int]:
     return image.height - image.height % factor, image.width - image.width % factor
 
 
-def image_tensor(image: Image.Image, height: int, width: int) -> np.ndarray:
-    """-> (1, 3, H, W) float32 in [-1, 1]: VaeImageProcessor.preprocess for an RGB image."""
-    resized = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+def image_tensor(image: Image.Image, height: int, width: int, resample: Image.Resampling = Image.Resampling.LANCZOS) -> np.ndarray:
+    """-> (1, 3, H, W) float32 in [-1, 1]: VaeImageProcessor.preprocess for an RGB image (its resample: Lanczos,
+    bicubic for the x4 upscaler)."""
+    resized = image.resize((width, height), resample=resample)
     pixels = np.asarray(resized, dtype=np.float32) / np.float32(255.0)  # (H, W, 3)
     return (np.float32(2.0) * pixels - np.float32(1.0)).transpose(2, 0, 1)[None].copy()
 

@@ -16,7 +16,8 @@ from .schedulers.config import CommonConfig
 
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                       "StableDiffusionDepth2ImgPipeline")
+                       "StableDiffusionDepth2ImgPipeline", "StableDiffusionUpscalePipeline")
+UPSCALER_SCALING_FACTOR = 0.08333  # diffusers' StableDiffusionUpscalePipeline sets it whatever the VAE config says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class ModelInfo:
     default_height: int  # unet.sample_size * vae_scale_factor
     default_width: int
     depth_processor: dict | None = None  # depth-to-image with a depth estimator: its image processor (sdrt.depth)
+    class_labels: str | None = None  # what the U-Net's class_labels input holds: "noise_level" (x4 upscaler)
+    max_noise_level: int | None = None  # x4 upscaler: the largest noise level its U-Net takes
+    low_res_scheduler: dict | None = None  # x4 upscaler: the config of the scheduler that noises the low-resolution image
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -125,6 +129,11 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         from .depth import read_dpt_processor
 
         depth_processor = read_dpt_processor(model_dir / "feature_extractor" / "preprocessor_config.json")
+    upscaler = pipeline == "StableDiffusionUpscalePipeline"
+    if upscaler:
+        scaling_factor = UPSCALER_SCALING_FACTOR
+        if unet.get("num_class_embeds") is None:
+            raise SdrtError(f"{paths['unet']}: an upscaler U-Net needs num_class_embeds (its noise-level labels)")
     return ModelInfo(
         pipeline=pipeline,
         latent_channels=_int(unet, paths["unet"], "in_channels", 1, 64, default=4),
@@ -141,4 +150,7 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         default_height=height,
         default_width=width,
         depth_processor=depth_processor,
+        class_labels="noise_level" if upscaler else None,
+        max_noise_level=_int(index, model_dir / "model_index.json", "max_noise_level", 0, 10**4, default=350) if upscaler else None,
+        low_res_scheduler=read_json(model_dir / "low_res_scheduler" / "scheduler_config.json") if upscaler else None,
     )

@@ -63,6 +63,7 @@ class GenerateRequest:
     strength: float | None = None  # img2img / inpainting: how far the image is noised, (0, 1]; None: the task's default
     mask_blur: float = 0.0  # inpainting: Gaussian blur radius applied to the mask first (diffusers' VaeImageProcessor.blur)
     depth_map: np.ndarray | None = None  # depth to image: (H, W) depths, brighter = nearer; None: estimated by the folder's DPT engine
+    noise_level: int | None = None  # x4 upscaler: noise added to the low-resolution image, 0 .. its max (None: 20, as diffusers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,7 @@ class StableDiffusion:
             raise SdrtError(f"--guidance {s.guidance} must be a finite number >= 0")
         if s.strength is not None:
             begin_index(s.steps, s.strength)
-        task.check(req, s)
+        task.check(req, s, self.info)
         if self.static_shape:
             want = self.static_shape
             if (s.height, s.width, req.num_images) != (want["height"], want["width"], want["batch"]) or s.guidance <= 1:
@@ -253,11 +254,12 @@ class StableDiffusion:
     def _denoise(self, start: Start, scheduler, context: np.ndarray, guidance: np.float32, noise, progress: bool) -> np.ndarray:
         """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index.
         context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents (n, C, h, w) float32."""
-        latents, extra = start.latents, start.unet_extra
+        latents, extra, feeds = start.latents, start.unet_extra, dict(start.unet_feeds)
         n = latents.shape[0]
         guided = context.shape[0] == 2 * n
-        if guided and extra is not None:
-            extra = np.concatenate([extra, extra])  # (2n, c, h, w)
+        if guided:  # the unconditional and conditional halves see the same image channels and labels
+            extra = None if extra is None else np.concatenate([extra, extra])  # (2n, c, h, w)
+            feeds = {name: np.concatenate([value, value]) for name, value in feeds.items()}
         unet = self.engines["unet"]
         steps = range(scheduler.begin, len(scheduler.timesteps))
         for i in tqdm(steps, desc="denoising", unit="step", disable=None if progress else True, leave=False):
@@ -266,7 +268,7 @@ class StableDiffusion:
             if extra is not None:
                 model_input = np.concatenate([model_input, extra], axis=1)  # (b, C + c, h, w)
             timestep = np.full((model_input.shape[0],), scheduler.timesteps[i], dtype=np.float32)
-            out = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": context})["out_sample"]
+            out = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": context, **feeds})["out_sample"]
             if guided:
                 uncond, cond = out[:n], out[n:]
                 out = uncond + guidance * (cond - uncond)

@@ -240,7 +240,7 @@ def test_img2img_and_inpainting_without_torch(tiny_engines, no_torch_path, tmp_p
         assert "Denoising strength: 1.0, Mask blur: 2.0" in png.text["parameters"]
 
 
-def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tmp_path):
+def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tiny_upscaler, tmp_path):
     from conftest import half_mask, picture
 
     picture(70, 54).save(tmp_path / "in.png")
@@ -270,6 +270,11 @@ def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_in
     for extra, fragments in [(["--init-image", image, "--depth-map", mask], ["--depth-map does not apply to img2img"]),
                              (["--init-image", image, "--depth-map", tmp_path / "flat.png"], ["--depth-map", "is flat"])]:
         assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
+    assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--noise-level", "5", "--output", tmp_path / "out.png"),
+                       "--noise-level does not apply to txt2img")
+    for extra, fragments in [(["--image", image, "--noise-level", "351"], ["--noise-level 351 is out of range", "0 .. 350"]),
+                             (["--image", image, "--mask", mask], ["run upscale, not inpaint", "give --image"])]:
+        assert_clean_error(sdrt("generate", tiny_upscaler[1], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
     for extra, fragments in [([], ["run inpaint, not txt2img", "give --image and --mask"]),
                              (["--init-image", image], ["not img2img"])]:
         result = sdrt("generate", tiny_inpaint_engines["sd1-inpaint"], "--prompt", "x", *extra, "--output", tmp_path / "out.png")

@@ -136,3 +136,28 @@ def test_depth_to_image_matches_diffusers(scheduler, steps, guidance, strength, 
     finally:
         pipe.close()
     _compare(got, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler,steps,guidance,noise_level,num_images", [
+    ("ddim", 20, 9.0, 20, 1),  # diffusers' defaults but the step count
+    ("euler_a", 12, 7.5, 0, 2),
+    ("dpmpp_2m", 15, 1.0, 350, 1),  # no guidance; the largest noise level
+])
+def test_x4_upscaling_matches_diffusers(scheduler, steps, guidance, noise_level, num_images, tiny_upscaler):
+    model, engines = tiny_upscaler
+    low, seed = picture(23, 18, seed=3), 5  # not a multiple of the VAE factor: resized to 20x16, output 80x64
+    ref = diffusers.StableDiffusionUpscalePipeline.from_pretrained(model)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[scheduler]).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = _as_uint8(ref(PROMPT, image=low, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=guidance,
+                             noise_level=noise_level, num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed),
+                             output_type="np").images)
+    pipe = StableDiffusion.from_engine_folder(engines)
+    try:
+        got = pipe.generate(GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, steps=steps, guidance=guidance, seed=seed,
+                                            scheduler=scheduler, image=low, noise_level=noise_level, num_images=num_images), progress=False)
+    finally:
+        pipe.close()
+    assert got[0].shape == (64, 80, 3)
+    _compare(got, expected)

@@ -11,6 +11,7 @@ import numpy as np
 from ..noise import PerImageNoise
 
 if TYPE_CHECKING:
+    from ..model_info import ModelInfo
     from ..pipeline import GenerateRequest, Settings, StableDiffusion
     from ..schedulers.base import Scheduler
 
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 class Start:
     latents: np.ndarray  # (n, C, h, w) float32: where the loop starts, at step scheduler.begin
     unet_extra: np.ndarray | None = None  # (n, c, h, w) float32: channels after the scaled latents at every step
+    unet_feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # further U-Net inputs, (n, ...) each
     after_step: Callable[[np.ndarray, int], np.ndarray] | None = None  # (latents after step i, i) -> latents
 
 
@@ -31,7 +33,7 @@ class Task:
         """(height, width) when the request gives none; None: the model's size."""
         return None
 
-    def check(self, req: "GenerateRequest", s: "Settings") -> None:
+    def check(self, req: "GenerateRequest", s: "Settings", info: "ModelInfo") -> None:
         """Refuse inputs that cannot make the asked image, naming the option."""
 
     def start(self, pipe: "StableDiffusion", req: "GenerateRequest", s: "Settings", scheduler: "Scheduler", noise) -> Start:

@@ -21,7 +21,7 @@ class Depth(Task):
     def default_size(self, req, factor):
         return default_size(req.init_image, factor)
 
-    def check(self, req, s):
+    def check(self, req, s, info):
         if req.depth_map is not None and (not np.isfinite(req.depth_map).all() or req.depth_map.ndim != 2):
             raise SdrtError("--depth-map must be a 2-D array of finite depths")
 

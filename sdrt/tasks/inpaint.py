@@ -24,7 +24,7 @@ class Inpaint(Task):
     def default_size(self, req, factor):
         return default_size(req.image, factor)
 
-    def check(self, req, s):
+    def check(self, req, s, info):
         if req.mask.size != req.image.size:
             raise SdrtError(f"--mask is {req.mask.width}x{req.mask.height} but --image is {req.image.width}x{req.image.height}: "
                             "give a mask of the image's size")
