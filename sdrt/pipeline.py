@@ -30,7 +30,8 @@ from .model_info import ModelInfo
 from .noise import make_batch_noise
 from .schedulers import default_scheduler_name, make_scheduler, resolve_scheduler
 from .schedulers.base import begin_index
-from .tasks import Start, Task, model_tasks, requested_task
+from .tasks import TASKS, Start, Task, model_tasks, requested_task
+from .tiling import TiledEngine
 from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
 from .verified import VERIFY_MODES, VerifiedFiles
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # loaded with the folder; the VAE encoder when a task first needs it
 LONG_PROMPTS = ("truncate", "chunk")
+TILE_MIN = 8  # latent pixels: smaller tiles see too little to draw anything
 USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
 BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
 
@@ -64,6 +66,7 @@ class GenerateRequest:
     mask_blur: float = 0.0  # inpainting: Gaussian blur radius applied to the mask first (diffusers' VaeImageProcessor.blur)
     depth_map: np.ndarray | None = None  # depth to image: (H, W) depths, brighter = nearer; None: estimated by the folder's DPT engine
     noise_level: int | None = None  # x4 upscaler: noise added to the low-resolution image, 0 .. its max (None: 20, as diffusers)
+    tile: int | None = None  # U-Net and VAE decoder on latent tiles of at most tile x tile (0: never; None: the task's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +81,7 @@ class Settings:
     width: int
     task: str
     strength: float | None  # None for tasks without one (txt2img)
+    tile: int | None  # latent tile side, None: untiled
 
 
 def describe_works(works: dict) -> str:
@@ -172,6 +176,7 @@ class StableDiffusion:
             width=size[1] if req.width is None else req.width,
             task=task.name,
             strength=task.default_strength if req.strength is None else req.strength,
+            tile=(task.default_tile if req.tile is None else req.tile) or None,
         )
         for option, text in (("--prompt", req.prompt), ("--negative-prompt", req.negative_prompt)):
             try:
@@ -193,6 +198,10 @@ class StableDiffusion:
             raise SdrtError(f"--guidance {s.guidance} must be a finite number >= 0")
         if s.strength is not None:
             begin_index(s.steps, s.strength)
+        if req.tile is not None and (req.tile < 0 or 0 < req.tile < TILE_MIN):
+            raise SdrtError(f"--tile {req.tile} is not accepted: 0 (no tiling) or at least {TILE_MIN} latent pixels")
+        if s.tile and self.static_shape:
+            raise SdrtError("--tile needs engines with dynamic shapes; these were built with --static-shape (pass --tile 0)")
         task.check(req, s, self.info)
         if self.static_shape:
             want = self.static_shape
@@ -239,7 +248,8 @@ class StableDiffusion:
         noise = make_batch_noise(req.noise, req.seed, req.batch_noise, req.num_images)
         n = req.num_images
         f = self.info.vae_scale_factor
-        check_fits(attention_bytes((s.height // f) * (s.width // f)), f"{s.height}x{s.width}")
+        h, w = s.height // f, s.width // f
+        check_fits(attention_bytes(min(h, s.tile or h) * min(w, s.tile or w)), f"{s.height}x{s.width}" + (f" in tiles of {s.tile}" if s.tile else ""))
 
         # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D)
         if s.guidance > 1.0:
@@ -248,10 +258,15 @@ class StableDiffusion:
         else:
             context = np.repeat(self._encode_text([req.prompt], req.long_prompts), n, 0)
         start = self.task(req).start(self, req, s, scheduler, noise)
-        latents = self._denoise(start, scheduler, context, np.float32(s.guidance), noise, progress)
-        return self._decode(latents)
+        unet, decoder = self.engines["unet"], self.engines["vae_decoder"]
+        if s.tile:
+            overlap = s.tile // 4
+            unet = TiledEngine(unet, "sample", "out_sample", s.tile, overlap)
+            decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, overlap, scale=f)
+        latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress)
+        return self._decode(latents, decoder)
 
-    def _denoise(self, start: Start, scheduler, context: np.ndarray, guidance: np.float32, noise, progress: bool) -> np.ndarray:
+    def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool) -> np.ndarray:
         """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index.
         context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents (n, C, h, w) float32."""
         latents, extra, feeds = start.latents, start.unet_extra, dict(start.unet_feeds)
@@ -260,7 +275,6 @@ class StableDiffusion:
         if guided:  # the unconditional and conditional halves see the same image channels and labels
             extra = None if extra is None else np.concatenate([extra, extra])  # (2n, c, h, w)
             feeds = {name: np.concatenate([value, value]) for name, value in feeds.items()}
-        unet = self.engines["unet"]
         steps = range(scheduler.begin, len(scheduler.timesteps))
         for i in tqdm(steps, desc="denoising", unit="step", disable=None if progress else True, leave=False):
             model_input = np.concatenate([latents, latents]) if guided else latents
@@ -280,12 +294,12 @@ class StableDiffusion:
             raise SdrtError("the denoising loop produced NaN or infinite latents; the engines are numerically broken for this model and precision")
         return latents
 
-    def _decode(self, latents: np.ndarray) -> list[np.ndarray]:
+    def _decode(self, latents: np.ndarray, decoder: Engine) -> list[np.ndarray]:
         """(n, C, h, w) -> n images (H, W, 3) uint8, decoded one at a time."""
         images = []
         scaled = latents / np.float32(self.info.scaling_factor)
         for k in range(len(latents)):
-            image = self.engines["vae_decoder"].run({"latent_sample": scaled[k : k + 1]})["sample"][0]  # (3, H, W) in [-1, 1]
+            image = decoder.run({"latent_sample": scaled[k : k + 1]})["sample"][0]  # (3, H, W) in [-1, 1]
             image = np.clip(image / np.float32(2) + np.float32(0.5), 0, 1).transpose(1, 2, 0)
             images.append((image * 255).round().astype(np.uint8))
         return images
@@ -312,6 +326,8 @@ class StableDiffusion:
             "task": s.task,
             "strength": s.strength,
             "mask_blur": req.mask_blur if s.task == "inpaint" else None,
+            "noise_level": TASKS["upscale"].noise_level(req) if s.task == "upscale" else None,
+            "tile": s.tile,
             "model_hash": model_hash(manifest) if manifest else None,
             "backend": manifest.get("backend", {}).get("name"),
             "precision": manifest.get("precision"),

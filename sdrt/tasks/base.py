@@ -28,6 +28,7 @@ class Task:
     name: str
     takes: tuple[str, ...] = ()  # GenerateRequest fields of this task beyond the prompt and sampling settings
     default_strength: float | None = None  # None: the task has no strength
+    default_tile: int | None = None  # latent tile side when the request gives none (None: untiled)
 
     def default_size(self, req: "GenerateRequest", factor: int) -> tuple[int, int] | None:
         """(height, width) when the request gives none; None: the model's size."""

@@ -21,6 +21,7 @@ DEFAULT_NOISE_LEVEL = 20
 class Upscale(Task):
     name = "upscale"
     takes = ("image", "noise_level")
+    default_tile = 256  # latents of the input's size: inputs above 256x256 are upscaled in tiles, in a 256x256 input's memory
 
     def default_size(self, req, factor):
         """The output: the input's size rounded down to a multiple of the VAE factor, times that factor."""
