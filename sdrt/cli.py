@@ -94,7 +94,7 @@ def _generate(args: argparse.Namespace) -> None:
         prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
         num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise, long_prompts=args.long_prompts,
-        strength=args.strength, mask_blur=args.mask_blur, noise_level=args.noise_level, tile=args.tile, **images,
+        strength=args.strength, mask_blur=args.mask_blur, noise_level=args.noise_level, tile=args.tile, watermark=args.watermark, **images,
     )
     if str(req.seed) != args.seed.strip():
         print(f"seed: {req.seed}", file=sys.stderr)
@@ -281,6 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None, help="img2img / inpainting: how far the image is noised, 0 < S <= 1 "
                    "(default 0.8 img2img, 1.0 inpainting, as diffusers); int(steps x S) steps run")
     g.add_argument("--mask-blur", type=float, default=0.0, metavar="RADIUS", help="inpainting: Gaussian blur of the mask first (default 0)")
+    g.add_argument("--watermark", metavar="TEXT", help="embed TEXT invisibly (the invisible-watermark package's dwtDct method, "
+                   "as Stable Diffusion's reference scripts do with SDV2; images of at least 256x256); default: none")
     g.add_argument("--tile", type=int, default=None, metavar="N", help="run the U-Net and VAE decoder on overlapping latent tiles of "
                    "at most NxN (0: never; default: 256 for x4 upscaling, else never)")
     g.add_argument("--noise-level", type=int, default=None, help="x4 upscaler: noise added to --image, 0 .. the model's max (default 20)")

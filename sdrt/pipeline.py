@@ -32,6 +32,9 @@ from .schedulers import default_scheduler_name, make_scheduler, resolve_schedule
 from .schedulers.base import begin_index
 from .tasks import TASKS, Start, Task, model_tasks, requested_task
 from .tiling import TiledEngine
+from .watermark import MIN_PIXELS as WATERMARK_MIN_PIXELS
+from .watermark import embed as embed_watermark
+from .watermark import text_bits
 from .tokenizer import TOKENIZER_FILES, CLIPTokenizer
 from .verified import VERIFY_MODES, VerifiedFiles
 
@@ -67,6 +70,7 @@ class GenerateRequest:
     depth_map: np.ndarray | None = None  # depth to image: (H, W) depths, brighter = nearer; None: estimated by the folder's DPT engine
     noise_level: int | None = None  # x4 upscaler: noise added to the low-resolution image, 0 .. its max (None: 20, as diffusers)
     tile: int | None = None  # U-Net and VAE decoder on latent tiles of at most tile x tile (0: never; None: the task's default)
+    watermark: str | None = None  # text embedded invisibly as SD's reference scripts do (sdrt/watermark.py); None: none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,6 +204,10 @@ class StableDiffusion:
             begin_index(s.steps, s.strength)
         if req.tile is not None and (req.tile < 0 or 0 < req.tile < TILE_MIN):
             raise SdrtError(f"--tile {req.tile} is not accepted: 0 (no tiling) or at least {TILE_MIN} latent pixels")
+        if req.watermark is not None:
+            text_bits(req.watermark)
+            if s.height * s.width < WATERMARK_MIN_PIXELS:
+                raise SdrtError(f"--watermark needs images of at least 256x256 pixels (the dwtDct method's minimum); this one is {s.width}x{s.height}")
         if s.tile and self.static_shape:
             raise SdrtError("--tile needs engines with dynamic shapes; these were built with --static-shape (pass --tile 0)")
         task.check(req, s, self.info)
@@ -264,7 +272,8 @@ class StableDiffusion:
             unet = TiledEngine(unet, "sample", "out_sample", s.tile, overlap)
             decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, overlap, scale=f)
         latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress)
-        return self._decode(latents, decoder)
+        images = self._decode(latents, decoder)
+        return [embed_watermark(image, req.watermark) for image in images] if req.watermark is not None else images
 
     def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool) -> np.ndarray:
         """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index.
@@ -328,6 +337,7 @@ class StableDiffusion:
             "mask_blur": req.mask_blur if s.task == "inpaint" else None,
             "noise_level": TASKS["upscale"].noise_level(req) if s.task == "upscale" else None,
             "tile": s.tile,
+            "watermark": req.watermark,
             "model_hash": model_hash(manifest) if manifest else None,
             "backend": manifest.get("backend", {}).get("name"),
             "precision": manifest.get("precision"),

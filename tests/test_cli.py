@@ -280,3 +280,36 @@ def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_in
         result = sdrt("generate", tiny_inpaint_engines["sd1-inpaint"], "--prompt", "x", *extra, "--output", tmp_path / "out.png")
         assert_clean_error(result, *fragments)
     assert not (tmp_path / "out.png").exists()
+
+
+def test_installed_runtime_runs_every_task_without_torch(tiny_engines, tiny_inpaint_engines, tiny_depth, tiny_upscaler, no_torch_path, tmp_path):
+    """`pip install .` (no extras, not editable) holds every module the tasks need, and none of them imports torch."""
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", target,
+                              Path(__file__).resolve().parents[1]], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr
+    code = """
+import sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+import sdrt
+assert sdrt.__file__.startswith(sys.argv[1]), sdrt.__file__
+from sdrt.pipeline import GenerateRequest, StableDiffusion
+picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+mask = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (24, 1)))
+runs = [(sys.argv[2], {}), (sys.argv[2], {"init_image": picture}), (sys.argv[2], {"image": picture, "mask": mask}),
+        (sys.argv[3], {"image": picture, "mask": mask}), (sys.argv[4], {"init_image": picture}), (sys.argv[5], {"image": picture})]
+for folder, inputs in runs:
+    pipe = StableDiffusion.from_engine_folder(Path(folder))
+    image = pipe.generate(GenerateRequest(prompt="x", steps=4, **inputs), progress=False)[0]
+    print(pipe.settings(GenerateRequest(prompt="x", **inputs)).task, image.shape)
+    pipe.close()
+assert "torch" not in sys.modules
+"""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(no_torch_path), str(target)])}
+    result = subprocess.run([sys.executable, "-c", code, str(target), tiny_engines["sd1"], tiny_inpaint_engines["sd1-inpaint"], tiny_depth[1],
+                             tiny_upscaler[1]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:6] == ["txt2img (16, 16, 3)", "img2img (24, 32, 3)", "inpaint (24, 32, 3)", "inpaint (24, 32, 3)",
+                                              "depth (24, 32, 3)", "upscale (96, 128, 3)"], result.stdout
