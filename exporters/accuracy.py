@@ -44,6 +44,8 @@ def _task_inputs(tasks: tuple[str, ...], size: tuple[int, int], seed: int, facto
         return {"init_image": picture}
     if "upscale" in tasks:
         return {"image": picture.resize((width // factor, height // factor), Image.Resampling.BICUBIC)}
+    if "unclip" in tasks:
+        return {"image": picture}
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
     return {"image": picture, "mask": Image.fromarray(mask)}

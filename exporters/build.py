@@ -12,6 +12,7 @@ only if it is an sdrt engine folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_TOLERANCE = 1e-3  # max abs error of an fp32 graph against torch before the build fails
 MODEL_EXTRAS = "sdrt.json"
-WEIGHT_FOLDERS = ("text_encoder", "unet", "vae", "depth_estimator")  # those a model has are exported  # optional, in a model folder: recommended defaults and domain prompts
+WEIGHT_FOLDERS = ("text_encoder", "unet", "vae", "depth_estimator", "image_encoder", "image_normalizer")  # those a model has are read  # optional, in a model folder: recommended defaults and domain prompts
 
 
 def _scheduler_config(model_dir: Path) -> dict:
@@ -115,6 +116,17 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
         errors[name] = json.loads(record.read_text())["max_abs_error"]
         record.unlink()
     return errors, hit, {p: h for p, h in hashes.items() if p.exists()}
+
+
+def _image_normalizer(model_dir: Path) -> dict:
+    """unCLIP's image-embedding mean and std, read with diffusers: small enough for the manifest."""
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+
+    try:
+        normalizer = StableUnCLIPImageNormalizer.from_pretrained(model_dir / "image_normalizer")
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise SdrtError(f"{model_dir / 'image_normalizer'}: the image normalizer could not be loaded: {first_line(exc)}") from None
+    return {"mean": normalizer.mean.detach().reshape(-1).tolist(), "std": normalizer.std.detach().reshape(-1).tolist()}
 
 
 def _load_modules(model_dir: Path, names: tuple[str, ...]) -> dict:
@@ -239,6 +251,8 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
     if os.path.lexists(out.parent) and not out.parent.is_dir():
         raise SdrtError(f"--out {out}: {out.parent} is a file, not a folder")
     info = read_model_info(model_dir)
+    if info.class_labels == "image_embeds":
+        info = dataclasses.replace(info, image_normalizer=_image_normalizer(model_dir))
     tasks = model_tasks(info)
     _check_tokenizer(model_dir)
     extras = read_json(model_dir / MODEL_EXTRAS) if (model_dir / MODEL_EXTRAS).is_file() else {}

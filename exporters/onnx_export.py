@@ -73,6 +73,15 @@ class DepthEstimator(torch.nn.Module):
         return self.model(pixel_values, return_dict=False)[0]
 
 
+class ImageEncoder(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):  # (B, 3, h, w) as the CLIP image processor makes them -> (B, D) projected embeddings
+        return self.model(pixel_values).image_embeds
+
+
 def load_modules(model_dir: Path, names: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")) -> dict[str, torch.nn.Module]:
     text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
@@ -83,6 +92,10 @@ def load_modules(model_dir: Path, names: tuple[str, ...] = ("text_encoder", "une
         "vae_decoder": VaeDecoder(vae),
         "vae_encoder": VaeEncoder(vae),
     }
+    if "image_encoder" in names:
+        from transformers import CLIPVisionModelWithProjection
+
+        modules["image_encoder"] = ImageEncoder(CLIPVisionModelWithProjection.from_pretrained(model_dir / "image_encoder", torch_dtype=torch.float32))
     if "depth_estimator" in names:
         from transformers import DPTForDepthEstimation
 

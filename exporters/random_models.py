@@ -11,6 +11,8 @@ are seeded, so a kind always gives the same model.
         (StableDiffusionDepth2ImgPipeline)
   sd2-upscale: sd2 as the x4 upscaler: 7-channel U-Net with 1000 noise-level classes, x4 VAE,
         DDPM low-resolution scheduler (StableDiffusionUpscalePipeline)
+  sd2-unclip: sd2 as Stable unCLIP: a tiny CLIP vision encoder whose noised embedding is the U-Net's
+        projected class label (StableUnCLIPImg2ImgPipeline)
   sd15: the full-size SD 1.5 architecture (859.5 M-parameter U-Net, 3.4 GB in fp32), for speed
         and memory measurements: random weights run as fast as trained ones in fp32
   sd21-base, sd21-v: the full-size SD 2.1 architectures (OpenCLIP-H text encoder, linear
@@ -23,12 +25,13 @@ from pathlib import Path
 
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionDepth2ImgPipeline,
-                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline, UNet2DConditionModel)
+                       StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableUnCLIPImg2ImgPipeline,
+                       UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd2-upscale", "sd15", "sd21-base", "sd21-v")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd2-upscale", "sd2-unclip", "sd15", "sd21-base", "sd21-v")
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
@@ -37,7 +40,7 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         raise ValueError(f"kind {kind!r}: accepted values are {', '.join(KINDS)}")
     if kind in ("sd15", "sd21-base", "sd21-v"):
         return _make_full_size(kind, out, seed)
-    sd2, inpaint, depth, upscale = kind.startswith("sd2"), kind.endswith("-inpaint"), kind.endswith("-depth"), kind.endswith("-upscale")
+    sd2, inpaint, depth, upscale, unclip = (kind.startswith("sd2"), *(kind.endswith(k) for k in ("-inpaint", "-depth", "-upscale", "-unclip")))
     torch.manual_seed(seed)
     hidden = 32
     text_encoder = CLIPTextModel(
@@ -51,6 +54,8 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         sample_size=8,
         in_channels=9 if inpaint else 5 if depth else 7 if upscale else 4,  # + mask and masked-image latents, depth, low-res image
         num_class_embeds=1000 if upscale else None,  # the upscaler's noise level
+        class_embed_type="projection" if unclip else None,  # unCLIP: the noised image embedding and its level's embedding
+        projection_class_embeddings_input_dim=2 * hidden if unclip else None,
         out_channels=4,
         block_out_channels=(32, 64),
         layers_per_block=1,
@@ -74,6 +79,9 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         sample_size=8 * 2 ** (len(vae_blocks) - 1),
         scaling_factor=0.18215,
     )
+    if unclip:
+        return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!", pipeline=StableUnCLIPImg2ImgPipeline,
+                     **_tiny_image_encoder(hidden))
     if upscale:
         vae.register_to_config(scaling_factor=0.08333)
         return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!", pipeline=StableDiffusionUpscalePipeline,
@@ -84,6 +92,23 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
                      **_tiny_depth_estimator())
     return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!" if sd2 else "<|endoftext|>",
                  pipeline=StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)
+
+
+def _tiny_image_encoder(dim: int) -> dict:
+    """unCLIP's image side: a tiny CLIP vision encoder (32x32, projection `dim`), its processor, a normalizer
+    with drawn mean and std, and the cosine noising schedule of the real model."""
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                                                             image_size=32, patch_size=8, projection_dim=dim))
+    normalizer = StableUnCLIPImageNormalizer(embedding_dim=dim)
+    with torch.no_grad():
+        normalizer.mean.normal_(0.0, 0.5)
+        normalizer.std.uniform_(0.5, 2.0)
+    return {"feature_extractor": CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+            "image_encoder": encoder, "image_normalizer": normalizer,
+            "image_noising_scheduler": DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")}
 
 
 def _tiny_depth_estimator() -> dict:

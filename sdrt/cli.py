@@ -90,8 +90,10 @@ def _generate(args: argparse.Namespace) -> None:
               for field in ("init_image", "image", "mask") if getattr(args, field) is not None}
     if args.depth_map is not None:
         images["depth_map"] = load_depth_map(Path(args.depth_map))
+    if args.prompt is None and (args.image is None or args.mask is not None):
+        raise SdrtError("--prompt is required (only upscaling and unCLIP variations, given --image alone, can do without)")
     req = GenerateRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+        prompt=args.prompt or "", negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
         num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise, long_prompts=args.long_prompts,
         strength=args.strength, mask_blur=args.mask_blur, noise_level=args.noise_level, tile=args.tile, watermark=args.watermark, **images,
@@ -257,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", parents=[verbose], help="generate images with built engines")
     g.add_argument("engines", help="engine folder made by `sdrt build`")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", default=None, help="what to draw (optional only with --image alone: upscaling and unCLIP variations)")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--steps", type=int, default=None, help="default: the model's recommendation, else 20")
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, <= 1 disables it (default: the model's recommendation, else 7.5)")

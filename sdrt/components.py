@@ -43,7 +43,7 @@ class ComponentSpec:
         feeds = {}
         for t in self.inputs:
             shape = tuple(sizes[d] if isinstance(d, str) else d for d in t.dims)
-            if t.name == "class_labels":
+            if t.name == "class_labels" and t.dtype == "int64":
                 feeds[t.name] = rng.integers(0, sizes.get("classes", 350), size=shape).astype(t.dtype)
             elif np.issubdtype(np.dtype(t.dtype), np.integer):
                 feeds[t.name] = rng.integers(0, sizes.get("vocab", 1000), size=shape).astype(t.dtype)
@@ -56,7 +56,8 @@ class ComponentSpec:
 
 def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
     c, c_out, c_vae = info.latent_channels, info.unet_out_channels, info.vae_latent_channels
-    class_labels = (TensorSpec("class_labels", "int64", ("batch",)),) if info.class_labels == "noise_level" else ()
+    class_labels = {"noise_level": (TensorSpec("class_labels", "int64", ("batch",)),),
+                    "image_embeds": (TensorSpec("class_labels", "float32", ("batch", 2 * (info.image_embed_dim or 0))),)}.get(info.class_labels, ())
     specs = {
         "text_encoder": ComponentSpec(
             "text_encoder",
@@ -69,7 +70,7 @@ def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
                 TensorSpec("sample", "float32", ("batch", c, "latent_height", "latent_width")),
                 TensorSpec("timestep", "float32", ("batch",)),
                 TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", info.cross_attention_dim)),
-                *class_labels,  # the x4 upscaler's noise level
+                *class_labels,  # the x4 upscaler's noise level, unCLIP's noised image embedding
             ),
             (TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width")),),
         ),
@@ -84,6 +85,13 @@ def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
             (TensorSpec("latent_parameters", "float32", ("batch", 2 * c_vae, "latent_height", "latent_width")),),
         ),
     }
+    if info.clip_processor:  # unCLIP's CLIP vision encoder at its processor's crop size
+        crop = (info.clip_processor["crop_height"], info.clip_processor["crop_width"])
+        specs["image_encoder"] = ComponentSpec(
+            "image_encoder",
+            (TensorSpec("pixel_values", "float32", ("batch", 3, *crop)),),
+            (TensorSpec("image_embeds", "float32", ("batch", info.image_embed_dim)),),
+        )
     if info.depth_processor:  # DPT at its processor's fixed input size; its output size is the model's own
         size = (info.depth_processor["height"], info.depth_processor["width"])
         specs["depth_estimator"] = ComponentSpec(

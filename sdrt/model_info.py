@@ -16,7 +16,7 @@ from .schedulers.config import CommonConfig
 
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                       "StableDiffusionDepth2ImgPipeline", "StableDiffusionUpscalePipeline")
+                       "StableDiffusionDepth2ImgPipeline", "StableDiffusionUpscalePipeline", "StableUnCLIPImg2ImgPipeline")
 UPSCALER_SCALING_FACTOR = 0.08333  # diffusers' StableDiffusionUpscalePipeline sets it whatever the VAE config says
 
 
@@ -37,9 +37,13 @@ class ModelInfo:
     default_height: int  # unet.sample_size * vae_scale_factor
     default_width: int
     depth_processor: dict | None = None  # depth-to-image with a depth estimator: its image processor (sdrt.depth)
-    class_labels: str | None = None  # what the U-Net's class_labels input holds: "noise_level" (x4 upscaler)
+    class_labels: str | None = None  # what the U-Net's class_labels input holds: "noise_level" (x4 upscaler), "image_embeds" (unCLIP)
     max_noise_level: int | None = None  # x4 upscaler: the largest noise level its U-Net takes
     low_res_scheduler: dict | None = None  # x4 upscaler: the config of the scheduler that noises the low-resolution image
+    clip_processor: dict | None = None  # unCLIP: the image encoder's image processor (sdrt.clip_image)
+    image_noising_scheduler: dict | None = None  # unCLIP: the config of the scheduler that noises the image embedding
+    image_embed_dim: int | None = None  # unCLIP: the image encoder's projection size (the class labels take twice that)
+    image_normalizer: dict | None = None  # unCLIP: {"mean": [...], "std": [...]} of the image embeddings (filled in by the build)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,7 +133,19 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         from .depth import read_dpt_processor
 
         depth_processor = read_dpt_processor(model_dir / "feature_extractor" / "preprocessor_config.json")
-    upscaler = pipeline == "StableDiffusionUpscalePipeline"
+    upscaler, unclip = pipeline == "StableDiffusionUpscalePipeline", pipeline == "StableUnCLIPImg2ImgPipeline"
+    unclip_info = {}
+    if unclip:
+        from .clip_image import read_clip_processor
+
+        encoder_path = model_dir / "image_encoder" / "config.json"
+        projection = _int(read_json(encoder_path), encoder_path, "projection_dim", 1, MAX_CHANNELS)
+        if unet.get("class_embed_type") != "projection" or unet.get("projection_class_embeddings_input_dim") != 2 * projection:
+            raise SdrtError(f"{paths['unet']}: an unCLIP U-Net needs class_embed_type 'projection' with projection_class_embeddings_input_dim "
+                            f"{2 * projection} (twice the image encoder's projection_dim)")
+        unclip_info = {"image_embed_dim": projection,
+                       "clip_processor": read_clip_processor(model_dir / "feature_extractor" / "preprocessor_config.json"),
+                       "image_noising_scheduler": read_json(model_dir / "image_noising_scheduler" / "scheduler_config.json")}
     if upscaler:
         scaling_factor = UPSCALER_SCALING_FACTOR
         if unet.get("num_class_embeds") is None:
@@ -150,7 +166,8 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         default_height=height,
         default_width=width,
         depth_processor=depth_processor,
-        class_labels="noise_level" if upscaler else None,
+        class_labels="noise_level" if upscaler else "image_embeds" if unclip else None,
         max_noise_level=_int(index, model_dir / "model_index.json", "max_noise_level", 0, 10**4, default=350) if upscaler else None,
         low_res_scheduler=read_json(model_dir / "low_res_scheduler" / "scheduler_config.json") if upscaler else None,
+        **unclip_info,
     )

@@ -68,7 +68,7 @@ class GenerateRequest:
     strength: float | None = None  # img2img / inpainting: how far the image is noised, (0, 1]; None: the task's default
     mask_blur: float = 0.0  # inpainting: Gaussian blur radius applied to the mask first (diffusers' VaeImageProcessor.blur)
     depth_map: np.ndarray | None = None  # depth to image: (H, W) depths, brighter = nearer; None: estimated by the folder's DPT engine
-    noise_level: int | None = None  # x4 upscaler: noise added to the low-resolution image, 0 .. its max (None: 20, as diffusers)
+    noise_level: int | None = None  # x4 upscaler: noise on the low-resolution image (None: 20); unCLIP: on the image embedding (None: 0)
     tile: int | None = None  # U-Net and VAE decoder on latent tiles of at most tile x tile (0: never; None: the task's default)
     watermark: str | None = None  # text embedded invisibly as SD's reference scripts do (sdrt/watermark.py); None: none
 
@@ -283,7 +283,8 @@ class StableDiffusion:
         guided = context.shape[0] == 2 * n
         if guided:  # the unconditional and conditional halves see the same image channels and labels
             extra = None if extra is None else np.concatenate([extra, extra])  # (2n, c, h, w)
-            feeds = {name: np.concatenate([value, value]) for name, value in feeds.items()}
+            unconditional = start.unconditional_feeds or feeds
+            feeds = {name: np.concatenate([unconditional[name], value]) for name, value in feeds.items()}
         steps = range(scheduler.begin, len(scheduler.timesteps))
         for i in tqdm(steps, desc="denoising", unit="step", disable=None if progress else True, leave=False):
             model_input = np.concatenate([latents, latents]) if guided else latents
@@ -335,7 +336,7 @@ class StableDiffusion:
             "task": s.task,
             "strength": s.strength,
             "mask_blur": req.mask_blur if s.task == "inpaint" else None,
-            "noise_level": TASKS["upscale"].noise_level(req) if s.task == "upscale" else None,
+            "noise_level": TASKS[s.task].noise_level(req) if "noise_level" in TASKS[s.task].takes else None,
             "tile": s.tile,
             "watermark": req.watermark,
             "model_hash": model_hash(manifest) if manifest else None,

@@ -76,6 +76,20 @@ def tiny_upscaler(tmp_path_factory) -> tuple[Path, Path]:
     return model, root / "engines"
 
 
+@pytest.fixture(scope="session")
+def tiny_unclip(tmp_path_factory) -> tuple[Path, Path]:
+    """(model, engines) of a tiny SD2-style Stable unCLIP model."""
+    pytest.importorskip("diffusers")
+    from sdrt.engines.base import BuildConfig
+    from sdrt.exporters.build import build_engines
+    from sdrt.exporters.random_models import make_random_model
+
+    root = tmp_path_factory.mktemp("unclip")
+    model = make_random_model("sd2-unclip", root / "model")
+    build_engines(model, root / "engines", BuildConfig(backend="onnxruntime"))
+    return model, root / "engines"
+
+
 def picture(width: int, height: int, seed: int = 0):
     """A PIL RGB picture with structure at every scale: a smooth colour field, a disc and a bar."""
     from PIL import Image, ImageDraw

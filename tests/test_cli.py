@@ -240,7 +240,7 @@ def test_img2img_and_inpainting_without_torch(tiny_engines, no_torch_path, tmp_p
         assert "Denoising strength: 1.0, Mask blur: 2.0" in png.text["parameters"]
 
 
-def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tiny_upscaler, tmp_path):
+def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tiny_upscaler, tiny_unclip, tmp_path):
     from conftest import half_mask, picture
 
     picture(70, 54).save(tmp_path / "in.png")
@@ -272,6 +272,10 @@ def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_in
         assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
     assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--noise-level", "5", "--output", tmp_path / "out.png"),
                        "--noise-level does not apply to txt2img")
+    assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--output", tmp_path / "out.png"), "--prompt is required")
+    for extra, fragments in [(["--noise-level", "1000"], ["--noise-level 1000 is out of range", "0 .. 999"]),
+                             (["--height", "36"], ["--height 36 is not accepted by unCLIP models: a multiple of 8"])]:
+        assert_clean_error(sdrt("generate", tiny_unclip[1], "--image", image, *extra, "--output", tmp_path / "out.png"), *fragments)
     for extra, fragments in [(["--image", image, "--noise-level", "351"], ["--noise-level 351 is out of range", "0 .. 350"]),
                              (["--image", image, "--mask", mask], ["run upscale, not inpaint", "give --image"])]:
         assert_clean_error(sdrt("generate", tiny_upscaler[1], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
@@ -282,7 +286,8 @@ def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_in
     assert not (tmp_path / "out.png").exists()
 
 
-def test_installed_runtime_runs_every_task_without_torch(tiny_engines, tiny_inpaint_engines, tiny_depth, tiny_upscaler, no_torch_path, tmp_path):
+def test_installed_runtime_runs_every_task_without_torch(tiny_engines, tiny_inpaint_engines, tiny_depth, tiny_upscaler, tiny_unclip, no_torch_path,
+                                                         tmp_path):
     """`pip install .` (no extras, not editable) holds every module the tasks need, and none of them imports torch."""
     target = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", target,
@@ -299,7 +304,8 @@ from sdrt.pipeline import GenerateRequest, StableDiffusion
 picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
 mask = Image.fromarray(np.tile(np.arange(32, dtype=np.uint8) * 8, (24, 1)))
 runs = [(sys.argv[2], {}), (sys.argv[2], {"init_image": picture}), (sys.argv[2], {"image": picture, "mask": mask}),
-        (sys.argv[3], {"image": picture, "mask": mask}), (sys.argv[4], {"init_image": picture}), (sys.argv[5], {"image": picture})]
+        (sys.argv[3], {"image": picture, "mask": mask}), (sys.argv[4], {"init_image": picture}), (sys.argv[5], {"image": picture}),
+        (sys.argv[6], {"image": picture})]
 for folder, inputs in runs:
     pipe = StableDiffusion.from_engine_folder(Path(folder))
     image = pipe.generate(GenerateRequest(prompt="x", steps=4, **inputs), progress=False)[0]
@@ -309,7 +315,7 @@ assert "torch" not in sys.modules
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(no_torch_path), str(target)])}
     result = subprocess.run([sys.executable, "-c", code, str(target), tiny_engines["sd1"], tiny_inpaint_engines["sd1-inpaint"], tiny_depth[1],
-                             tiny_upscaler[1]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                             tiny_upscaler[1], tiny_unclip[1]], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:6] == ["txt2img (16, 16, 3)", "img2img (24, 32, 3)", "inpaint (24, 32, 3)", "inpaint (24, 32, 3)",
-                                              "depth (24, 32, 3)", "upscale (96, 128, 3)"], result.stdout
+    assert result.stdout.split("\n")[:7] == ["txt2img (16, 16, 3)", "img2img (24, 32, 3)", "inpaint (24, 32, 3)", "inpaint (24, 32, 3)",
+                                              "depth (24, 32, 3)", "upscale (96, 128, 3)", "unclip (32, 32, 3)"], result.stdout

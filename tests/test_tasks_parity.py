@@ -185,3 +185,40 @@ def test_tiled_upscaling_agrees_with_untiled(tiny_upscaler):
         assert pipe.metadata(GenerateRequest(**base, tile=32), 0)["tile"] == 32
     finally:
         pipe.close()
+
+
+def test_noise_level_embedding_matches_diffusers():
+    """atol 1e-4: the angles reach 999 rad in float32, where one ulp is 6e-5, and NumPy's and torch's float32
+    exp differ by an ulp here and there (measured 1.5e-5)."""
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    from sdrt.tasks.unclip import timestep_embedding
+
+    levels = np.array([0, 1, 17, 500, 999])
+    for dim in (32, 1024, 33):
+        ref = get_timestep_embedding(torch.from_numpy(levels), dim, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
+        np.testing.assert_allclose(timestep_embedding(levels, dim), ref, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheduler,steps,guidance,noise_level,prompt,num_images", [
+    ("ddim", 20, 10.0, 0, "", 1),  # diffusers' defaults but the step count: no prompt, no embedding noise
+    ("dpmpp_2m", 15, 7.5, 300, PROMPT, 2),
+    ("euler_a", 12, 1.0, 100, PROMPT, 1),
+])
+def test_unclip_variations_match_diffusers(scheduler, steps, guidance, noise_level, prompt, num_images, tiny_unclip):
+    model, engines = tiny_unclip
+    image, seed = picture(70, 54, seed=4), 9
+    ref = diffusers.StableUnCLIPImg2ImgPipeline.from_pretrained(model)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[scheduler]).from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = _as_uint8(ref(image=image, prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, noise_level=noise_level,
+                             num_images_per_prompt=num_images, generator=torch.Generator().manual_seed(seed), output_type="np").images)
+    pipe = StableDiffusion.from_engine_folder(engines)
+    try:
+        got = pipe.generate(GenerateRequest(prompt=prompt, steps=steps, guidance=guidance, seed=seed, scheduler=scheduler, image=image,
+                                            noise_level=noise_level, num_images=num_images), progress=False)
+    finally:
+        pipe.close()
+    assert got[0].shape == (32, 32, 3)  # the model's size, not the image's (as diffusers)
+    _compare(got, expected)

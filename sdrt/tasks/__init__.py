@@ -9,9 +9,10 @@ from .depth import Depth
 from .img2img import Img2Img
 from .inpaint import Inpaint
 from .txt2img import Txt2Img
+from .unclip import UnClip
 from .upscale import Upscale
 
-TASKS: dict[str, Task] = {t.name: t for t in (Txt2Img(), Img2Img(), Inpaint(), Depth(), Upscale())}
+TASKS: dict[str, Task] = {t.name: t for t in (Txt2Img(), Img2Img(), Inpaint(), Depth(), Upscale(), UnClip())}
 FLAGS = {"init_image": "--init-image", "image": "--image", "mask": "--mask", "strength": "--strength", "mask_blur": "--mask-blur",
          "depth_map": "--depth-map", "noise_level": "--noise-level"}
 UNSET = {"init_image": None, "image": None, "mask": None, "strength": None, "mask_blur": 0.0, "depth_map": None, "noise_level": None}
@@ -22,6 +23,8 @@ def model_tasks(info: ModelInfo) -> tuple[str, ...]:
     c, vae = info.latent_channels, info.vae_latent_channels
     if info.class_labels == "noise_level":  # latents, the noised low-resolution image
         return ("upscale",)
+    if info.class_labels == "image_embeds":  # latents; the image embedding as class labels
+        return ("unclip",)
     if c == vae:
         return ("txt2img", "img2img", "inpaint")
     if c == 2 * vae + 1:  # latents, mask, masked-image latents
@@ -38,8 +41,8 @@ def requested_task(req, available: tuple[str, ...]) -> Task:
         raise SdrtError("--init-image (img2img) and --image/--mask (inpainting) cannot be combined: give one task's inputs")
     if req.init_image is not None:
         name = "depth" if "depth" in available else "img2img"
-    elif req.image is not None and req.mask is None and "upscale" in available:
-        name = "upscale"
+    elif req.image is not None and req.mask is None and available[0] in ("upscale", "unclip"):
+        name = available[0]
     elif req.image is not None or req.mask is not None:
         if req.image is None or req.mask is None:
             raise SdrtError(f"inpainting needs both --image and --mask; {'--image' if req.image is None else '--mask'} is missing")
@@ -48,7 +51,7 @@ def requested_task(req, available: tuple[str, ...]) -> Task:
         name = "txt2img"
     if name not in available:
         needs = {"img2img": "--init-image", "inpaint": "--image and --mask", "txt2img": "no input image", "depth": "--init-image",
-                 "upscale": "--image"}
+                 "upscale": "--image", "unclip": "--image"}
         raise SdrtError(f"these engines run {', '.join(available)}, not {name}; give {' or '.join(needs[t] for t in available)}")
     task = TASKS[name]
     for field, flag in FLAGS.items():

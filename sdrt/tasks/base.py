@@ -21,6 +21,7 @@ class Start:
     latents: np.ndarray  # (n, C, h, w) float32: where the loop starts, at step scheduler.begin
     unet_extra: np.ndarray | None = None  # (n, c, h, w) float32: channels after the scaled latents at every step
     unet_feeds: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # further U-Net inputs, (n, ...) each
+    unconditional_feeds: dict[str, np.ndarray] | None = None  # what the unconditional half gets instead (None: the same)
     after_step: Callable[[np.ndarray, int], np.ndarray] | None = None  # (latents after step i, i) -> latents
 
 
