@@ -122,6 +122,7 @@ def _image_normalizer(model_dir: Path) -> dict:
     """unCLIP's image-embedding mean and std, read with diffusers: small enough for the manifest."""
     from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 
+    _quiet_model_libraries()
     try:
         normalizer = StableUnCLIPImageNormalizer.from_pretrained(model_dir / "image_normalizer")
     except (OSError, ValueError, RuntimeError) as exc:
@@ -129,18 +130,24 @@ def _image_normalizer(model_dir: Path) -> dict:
     return {"mean": normalizer.mean.detach().reshape(-1).tolist(), "std": normalizer.std.detach().reshape(-1).tolist()}
 
 
+def _quiet_model_libraries() -> None:
+    """diffusers' and transformers' loader notes (install accelerate, ...) are not for sdrt's users; what
+    stops the build is raised and reported by sdrt."""
+    import diffusers
+    import transformers
+
+    for library in (diffusers, transformers):
+        library.utils.logging.set_verbosity(logging.CRITICAL)
+        library.utils.logging.disable_progress_bar()
+
+
 def _load_modules(model_dir: Path, names: tuple[str, ...]) -> dict:
     """The torch modules, with weights the loaders can read safely, or one clear error."""
     import pickle
 
-    import diffusers
-    import transformers
-
     from . import onnx_export
 
-    for library in (diffusers, transformers):  # their loaders' notes (install accelerate, ...) are not for sdrt's users;
-        library.utils.logging.set_verbosity(logging.CRITICAL)  # what stops the build is raised and reported below
-        library.utils.logging.disable_progress_bar()
+    _quiet_model_libraries()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols

@@ -24,11 +24,9 @@ IMG2IMG = [
     ("sd1", "pndm", 20, 7.5, 0.6, 1, "shared"),
     ("sd1", "dpmpp_2m", 20, 7.5, 0.75, 2, "shared"),
     ("sd1", "euler_a", 15, 1.0, 0.5, 1, "shared"),  # no classifier-free guidance
-    ("sd1", "lms", 12, 7.5, 0.8, 1, "shared"),
     ("sd1", "euler", 10, 7.5, 0.7, 2, "per-image"),  # image i from seed + i: diffusers with a list of generators
     ("sd2", "ddim", 20, 7.5, 0.7, 1, "shared"),
     ("sd2", "euler", 10, 7.5, 1.0, 1, "shared"),
-    ("sd2", "dpmpp_2m", 25, 5.0, 0.29, 1, "shared"),
 ]
 
 # kind, scheduler, steps, guidance, strength, mask blur; 4-channel models blend, 9-channel models condition the U-Net
@@ -38,9 +36,7 @@ INPAINT = [
     ("sd2", "ddim", 20, 7.5, 0.8, 3),
     ("sd1-inpaint", "pndm", 20, 7.5, 1.0, 0),
     ("sd1-inpaint", "euler", 12, 1.0, 0.6, 0),
-    ("sd1-inpaint", "lms", 12, 7.5, 1.0, 0),
     ("sd2-inpaint", "dpmpp_2m", 20, 7.5, 1.0, 4),
-    ("sd2-inpaint", "euler_a", 15, 7.5, 0.75, 0),
 ]
 
 
