@@ -1,6 +1,8 @@
 """Fixtures: tiny random-weight SD1/SD2 models in diffusers format and engines built from them."""
 
+import fcntl
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,76 +20,85 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    pytest.importorskip("diffusers")
+def _shared(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` once per test run, shared by the xdist workers (the first builds under a lock, the
+    others wait and reuse: each would otherwise build every model and engine folder again)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # the run's folder, common to its workers
+    folder, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with open(root / f"shared-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
+def _random_model(kind: str, folder: Path) -> None:
     from sdrt.exporters.random_models import make_random_model
 
-    root = tmp_path_factory.mktemp("models")
-    return {kind: make_random_model(kind, root / kind) for kind in ("sd1", "sd2")}
+    make_random_model(kind, folder)
+
+
+def _engines(model: Path, folder: Path) -> None:
+    from sdrt.engines.base import BuildConfig
+    from sdrt.exporters.build import build_engines
+
+    build_engines(model, folder, BuildConfig(backend="onnxruntime"))
+
+
+def _models(tmp_path_factory, kinds: tuple[str, ...]) -> dict[str, Path]:
+    pytest.importorskip("diffusers")
+    return {kind: _shared(tmp_path_factory, f"model-{kind}", lambda folder, kind=kind: _random_model(kind, folder)) for kind in kinds}
+
+
+def _built(tmp_path_factory, models: dict[str, Path]) -> dict[str, Path]:
+    return {kind: _shared(tmp_path_factory, f"engines-{kind}", lambda folder, model=model: _engines(model, folder)) for kind, model in models.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    return _models(tmp_path_factory, ("sd1", "sd2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engines(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    return _built(tmp_path_factory, tiny_models)
 
 
 @pytest.fixture(scope="session")
 def tiny_inpaint_models(tmp_path_factory) -> dict[str, Path]:
     """9-channel inpainting U-Nets (StableDiffusionInpaintPipeline folders)."""
-    pytest.importorskip("diffusers")
-    from sdrt.exporters.random_models import make_random_model
-
-    root = tmp_path_factory.mktemp("inpaint-models")
-    return {kind: make_random_model(kind, root / kind) for kind in ("sd1-inpaint", "sd2-inpaint")}
+    return _models(tmp_path_factory, ("sd1-inpaint", "sd2-inpaint"))
 
 
 @pytest.fixture(scope="session")
 def tiny_inpaint_engines(tiny_inpaint_models, tmp_path_factory) -> dict[str, Path]:
-    from sdrt.engines.base import BuildConfig
-    from sdrt.exporters.build import build_engines
+    return _built(tmp_path_factory, tiny_inpaint_models)
 
-    root = tmp_path_factory.mktemp("inpaint-engines")
-    for kind, model in tiny_inpaint_models.items():
-        build_engines(model, root / kind, BuildConfig(backend="onnxruntime"))
-    return {kind: root / kind for kind in tiny_inpaint_models}
+
+def _model_and_engines(tmp_path_factory, kind: str) -> tuple[Path, Path]:
+    models = _models(tmp_path_factory, (kind,))
+    return models[kind], _built(tmp_path_factory, models)[kind]
 
 
 @pytest.fixture(scope="session")
 def tiny_depth(tmp_path_factory) -> tuple[Path, Path]:
     """(model, engines) of a tiny SD2 depth-to-image model with a DPT depth estimator."""
-    pytest.importorskip("diffusers")
-    from sdrt.engines.base import BuildConfig
-    from sdrt.exporters.build import build_engines
-    from sdrt.exporters.random_models import make_random_model
-
-    root = tmp_path_factory.mktemp("depth")
-    model = make_random_model("sd2-depth", root / "model")
-    build_engines(model, root / "engines", BuildConfig(backend="onnxruntime"))
-    return model, root / "engines"
+    return _model_and_engines(tmp_path_factory, "sd2-depth")
 
 
 @pytest.fixture(scope="session")
 def tiny_upscaler(tmp_path_factory) -> tuple[Path, Path]:
     """(model, engines) of a tiny SD2-style x4 upscaler."""
-    pytest.importorskip("diffusers")
-    from sdrt.engines.base import BuildConfig
-    from sdrt.exporters.build import build_engines
-    from sdrt.exporters.random_models import make_random_model
-
-    root = tmp_path_factory.mktemp("upscale")
-    model = make_random_model("sd2-upscale", root / "model")
-    build_engines(model, root / "engines", BuildConfig(backend="onnxruntime"))
-    return model, root / "engines"
+    return _model_and_engines(tmp_path_factory, "sd2-upscale")
 
 
 @pytest.fixture(scope="session")
 def tiny_unclip(tmp_path_factory) -> tuple[Path, Path]:
     """(model, engines) of a tiny SD2-style Stable unCLIP model."""
-    pytest.importorskip("diffusers")
-    from sdrt.engines.base import BuildConfig
-    from sdrt.exporters.build import build_engines
-    from sdrt.exporters.random_models import make_random_model
-
-    root = tmp_path_factory.mktemp("unclip")
-    model = make_random_model("sd2-unclip", root / "model")
-    build_engines(model, root / "engines", BuildConfig(backend="onnxruntime"))
-    return model, root / "engines"
+    return _model_and_engines(tmp_path_factory, "sd2-unclip")
 
 
 def picture(width: int, height: int, seed: int = 0):

@@ -240,7 +240,17 @@ def test_img2img_and_inpainting_without_torch(tiny_engines, no_torch_path, tmp_p
         assert "Denoising strength: 1.0, Mask blur: 2.0" in png.text["parameters"]
 
 
-def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tiny_upscaler, tiny_unclip, tmp_path):
+def in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`sdrt ARGS` through sdrt.cli.main in this process: the same code as the command, without a process start."""
+    from sdrt.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tiny_upscaler, tiny_unclip, tmp_path, capsys):
     from conftest import half_mask, picture
 
     picture(70, 54).save(tmp_path / "in.png")
@@ -264,24 +274,24 @@ def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_in
         (["--init-image", image, "--height", "31"], ["--height 31", "multiple of 2"]),
     ]
     for extra, fragments in cases:
-        result = sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--steps", "20", *extra, "--output", tmp_path / "out.png")
+        result = in_process(capsys, "generate", tiny_engines["sd1"], "--prompt", "x", "--steps", "20", *extra, "--output", tmp_path / "out.png")
         assert_clean_error(result, *fragments)
     Image.fromarray(np.full((8, 8), 7, np.uint8)).save(tmp_path / "flat.png")
     for extra, fragments in [(["--init-image", image, "--depth-map", mask], ["--depth-map does not apply to img2img"]),
                              (["--init-image", image, "--depth-map", tmp_path / "flat.png"], ["--depth-map", "is flat"])]:
-        assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
-    assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--prompt", "x", "--noise-level", "5", "--output", tmp_path / "out.png"),
+        assert_clean_error(in_process(capsys, "generate", tiny_engines["sd1"], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
+    assert_clean_error(in_process(capsys, "generate", tiny_engines["sd1"], "--prompt", "x", "--noise-level", "5", "--output", tmp_path / "out.png"),
                        "--noise-level does not apply to txt2img")
-    assert_clean_error(sdrt("generate", tiny_engines["sd1"], "--output", tmp_path / "out.png"), "--prompt is required")
+    assert_clean_error(in_process(capsys, "generate", tiny_engines["sd1"], "--output", tmp_path / "out.png"), "--prompt is required")
     for extra, fragments in [(["--noise-level", "1000"], ["--noise-level 1000 is out of range", "0 .. 999"]),
                              (["--height", "36"], ["--height 36 is not accepted by unCLIP models: a multiple of 8"])]:
-        assert_clean_error(sdrt("generate", tiny_unclip[1], "--image", image, *extra, "--output", tmp_path / "out.png"), *fragments)
+        assert_clean_error(in_process(capsys, "generate", tiny_unclip[1], "--image", image, *extra, "--output", tmp_path / "out.png"), *fragments)
     for extra, fragments in [(["--image", image, "--noise-level", "351"], ["--noise-level 351 is out of range", "0 .. 350"]),
                              (["--image", image, "--mask", mask], ["run upscale, not inpaint", "give --image"])]:
-        assert_clean_error(sdrt("generate", tiny_upscaler[1], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
+        assert_clean_error(in_process(capsys, "generate", tiny_upscaler[1], "--prompt", "x", *extra, "--output", tmp_path / "out.png"), *fragments)
     for extra, fragments in [([], ["run inpaint, not txt2img", "give --image and --mask"]),
                              (["--init-image", image], ["not img2img"])]:
-        result = sdrt("generate", tiny_inpaint_engines["sd1-inpaint"], "--prompt", "x", *extra, "--output", tmp_path / "out.png")
+        result = in_process(capsys, "generate", tiny_inpaint_engines["sd1-inpaint"], "--prompt", "x", *extra, "--output", tmp_path / "out.png")
         assert_clean_error(result, *fragments)
     assert not (tmp_path / "out.png").exists()
 
