@@ -14,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sdrt.components import ComponentSpec
+from sdrt.cpu import usable_cores
 from sdrt.errors import SdrtError
 
 from .base import BuildConfig, LoadConfig, check_feeds
@@ -82,7 +83,7 @@ def optimized_name(device: str) -> str:
 
 def _session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or usable_cores()  # ONNX Runtime's own default ignores the CPU affinity
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return options

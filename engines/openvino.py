@@ -29,7 +29,7 @@ import numpy as np
 import openvino as ov
 
 from sdrt.components import ComponentSpec
-from sdrt.cpu import cpu_description
+from sdrt.cpu import cpu_description, usable_cores
 from sdrt.errors import SdrtError, first_line
 from sdrt.files import locked
 
@@ -187,8 +187,7 @@ class OpenVinoEngine:
         core = ov.Core()
         device = _device(cfg.device, core)
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": _inference_precision(cfg.precision, device, core)}
-        if cfg.threads:
-            config["INFERENCE_NUM_THREADS"] = cfg.threads
+        config["INFERENCE_NUM_THREADS"] = cfg.threads or usable_cores()
         xml = str(component_dir / XML)
         cache = _model_cache()
         if cache is not None:

@@ -30,9 +30,14 @@ def cpu_description() -> dict:
             "int8_dot_product": any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: taskset, cgroup cpusets), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def usable_threads(option: str, threads: int) -> int:
-    """A thread count between 1 and the cores this process may use; 0 stays 0 (the backend's default: all)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    """A thread count between 1 and the cores this process may use; 0 stays 0 (all of them, see usable_cores)."""
+    cores = usable_cores()
     if threads < 0:
         raise SdrtError(f"{option} {threads} is not accepted: give 0 (all {cores} cores) or 1 .. {cores}")
     if threads > cores:

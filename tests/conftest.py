@@ -11,8 +11,14 @@ import pytest
 
 
 def pytest_configure(config):
-    """Builds in tests fill a cache of their own, never the user's ~/.cache/sdrt."""
+    """Builds in tests fill a cache of their own, never the user's ~/.cache/sdrt. Each xdist worker runs on
+    a core of its own (sdrt, torch and the subprocesses it starts follow the affinity): two workers whose
+    thread pools each took every core would spin against each other."""
     os.environ["SDRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdrt-test-cache-")
+    worker, cores = os.environ.get("PYTEST_XDIST_WORKER", ""), sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and 1 < workers <= len(cores):
+        os.sched_setaffinity(0, {cores[int(worker[2:]) % len(cores)]})
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
