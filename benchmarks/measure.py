@@ -5,8 +5,9 @@ a fresh one per configuration so that peak memory belongs to that configuration 
 
 Kinds: "sdrt" (an engine folder), "diffusers" (the baseline: the task's diffusers pipeline, PyTorch
 eager fp32 or bf16), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
-Tasks: txt2img, img2img (strength 0.8), inpaint (the middle half masked, strength 1.0): the inputs
-are the same picture for sdrt and diffusers.
+Tasks: txt2img, img2img (strength 0.8), inpaint (the middle half masked, strength 1.0), depth (depth
+estimated by the model's DPT), upscale (a quarter-size input), unclip: the inputs are the same picture
+for sdrt and diffusers; the last three need a model of that kind (--model).
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ from pathlib import Path
 import numpy as np
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
-TASKS = ("txt2img", "img2img", "inpaint")
+TASKS = ("txt2img", "img2img", "inpaint", "depth", "upscale", "unclip")
 DIFFUSERS_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
-                       "inpaint": "StableDiffusionInpaintPipeline"}
+                       "inpaint": "StableDiffusionInpaintPipeline", "depth": "StableDiffusionDepth2ImgPipeline",
+                       "upscale": "StableDiffusionUpscalePipeline", "unclip": "StableUnCLIPImg2ImgPipeline"}
+UPSCALE = 4
 
 
 def task_inputs(task: str, height: int, width: int) -> dict:
@@ -33,8 +36,12 @@ def task_inputs(task: str, height: int, width: int) -> dict:
 
     colours = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
     picture = Image.fromarray(colours).resize((width, height), Image.Resampling.BICUBIC)
-    if task == "img2img":
+    if task in ("img2img", "depth"):
         return {"init_image": picture}
+    if task == "upscale":
+        return {"image": picture.resize((width // UPSCALE, height // UPSCALE), Image.Resampling.BICUBIC)}
+    if task == "unclip":
+        return {"image": picture}
     if task == "inpaint":
         mask = np.zeros((height, width), dtype=np.uint8)
         mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
@@ -152,7 +159,7 @@ def measure_diffusers(a: dict) -> dict:
 
     inputs = task_inputs(a["task"], a["height"], a["width"])
     images = {"init_image": "image", "image": "image", "mask": "mask_image"}  # sdrt's request fields -> diffusers' arguments
-    size = {} if a["task"] == "img2img" else {"height": a["height"], "width": a["width"]}  # img2img takes the image's size
+    size = {"height": a["height"], "width": a["width"]} if a["task"] in ("txt2img", "inpaint", "unclip") else {}  # the others: the image's
 
     def run():
         with torch.inference_mode():

@@ -328,8 +328,8 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--width", type=int, default=512)
     bn.add_argument("--steps", type=int, default=20)
     bn.add_argument("--scheduler", default="dpmpp_2m")
-    bn.add_argument("--tasks", default="txt2img", help="comma-separated: txt2img (default), img2img, inpaint; each timed against "
-                    "the matching diffusers pipeline")
+    bn.add_argument("--tasks", default="txt2img", help="comma-separated: txt2img (default), img2img, inpaint, and with a model of "
+                    "that kind depth, upscale, unclip; each timed against the matching diffusers pipeline")
     bn.add_argument("--repeat", type=int, default=1, help="timed generations per configuration (median reported)")
     bn.add_argument("--warmup", type=int, default=1, help="untimed generations first")
     bn.add_argument("--threads", type=int, default=0, help="threads for every configuration and the baseline (0: all cores)")

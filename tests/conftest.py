@@ -126,17 +126,3 @@ def half_mask(width: int, height: int):
     mask = np.zeros((height, width), dtype=np.uint8)
     mask[height // 4 : 3 * height // 4, width // 2 :] = 255
     return Image.fromarray(mask)
-
-
-@pytest.fixture(scope="session")
-def tiny_engines(tiny_models, tmp_path_factory) -> dict[str, Path]:
-    from sdrt.engines.base import BuildConfig
-    from sdrt.exporters.build import build_engines
-
-    root = tmp_path_factory.mktemp("engines")
-    out = {}
-    for kind, model in tiny_models.items():
-        build_engines(model, root / kind, BuildConfig(backend="onnxruntime"))
-        out[kind] = root / kind
-    return out
-

@@ -29,3 +29,14 @@ def assert_clean_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("sdrt: error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def generate(engines: Path, **kwargs):
+    """The images of one request through the Python API, the engine folder closed after."""
+    from sdrt.pipeline import GenerateRequest, StableDiffusion
+
+    pipe = StableDiffusion.from_engine_folder(engines)
+    try:
+        return pipe.generate(GenerateRequest(prompt="a lighthouse at dusk", seed=3, **kwargs), progress=False)
+    finally:
+        pipe.close()

@@ -52,7 +52,7 @@ def test_bench_smoke(tmp_path):
 
 @pytest.mark.parametrize("option,value,message", [("--baseline", "diffusers,torch", "--baseline 'diffusers,torch' is not supported: accepted values are diffusers, diffusers-bf16"),
                                                   ("--shapes", "dynamic,fixed", "--shapes 'dynamic,fixed' is not supported: accepted values are dynamic, static"),
-                                                  ("--tasks", "txt2img,upscale", "--tasks 'txt2img,upscale' is not supported: accepted values are txt2img, img2img, inpaint")])
+                                                  ("--tasks", "txt2img,outpaint", "--tasks 'txt2img,outpaint' is not supported: accepted values are txt2img, img2img, inpaint, depth, upscale, unclip")])
 def test_bench_refuses_unknown_values(tmp_path, option, value, message):
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--out", tmp_path / "run", option, value],
                             capture_output=True, text=True, timeout=120)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import psnr
+from helpers import generate
 
 ov = pytest.importorskip("openvino")
 pytest.importorskip("torch")
@@ -19,15 +20,6 @@ from sdrt.engines.base import BuildConfig  # noqa: E402
 from sdrt.engines.cache import BuildCache  # noqa: E402
 from sdrt.errors import SdrtError  # noqa: E402
 from sdrt.exporters.build import build_engines  # noqa: E402
-from sdrt.pipeline import GenerateRequest, StableDiffusion  # noqa: E402
-
-
-def generate(engines, **kwargs):
-    pipe = StableDiffusion.from_engine_folder(engines)
-    try:
-        return pipe.generate(GenerateRequest(prompt="a lighthouse at dusk", seed=3, **kwargs), progress=False)
-    finally:
-        pipe.close()
 
 
 @pytest.fixture(scope="module")
@@ -158,47 +150,3 @@ def test_int8_of_a_graph_whose_weights_are_hard_linked(tmp_path):
 
     assert "MatMulInteger" in {n.op_type for n in onnx.load(str(out)).graph.node}
     assert (cache / "model.onnx.data").stat().st_nlink == 1 and (cache / "model.onnx.data").read_bytes() == cached
-
-
-@pytest.mark.parametrize("fixture,inputs", [("tiny_depth", {"init_image": (40, 32)}), ("tiny_upscaler", {"image": (20, 16)}),
-                                            ("tiny_unclip", {"image": (40, 32)})])
-def test_depth_upscale_and_unclip_on_openvino(fixture, inputs, request, tmp_path):
-    """The depth estimator, integer and float class labels and the image encoder built for OpenVINO fp32,
-    against ONNX Runtime fp32 (measured: depth 55 dB, the others identical)."""
-    from conftest import picture
-
-    model, reference_engines = request.getfixturevalue(fixture)
-    build_engines(model, tmp_path / "ov", BuildConfig(backend="openvino", accuracy_prompts=0))
-    inputs = {k: picture(*size) for k, size in inputs.items()}
-    ours, reference = generate(tmp_path / "ov", steps=8, **inputs)[0], generate(reference_engines, steps=8, **inputs)[0]
-    assert reference.std() > 2 and psnr(ours, reference) >= 50
-
-
-def test_other_tasks_on_openvino_and_int8(tiny_inpaint_models, tiny_inpaint_engines, built, tiny_engines, tmp_path_factory):
-    """img2img on OpenVINO engines and 9-channel inpainting built for OpenVINO fp32 and ONNX Runtime int8,
-    whose calibration records the inpainting U-Net's own inputs."""
-    from conftest import half_mask, picture
-    from sdrt.exporters.accuracy import record_unet_inputs
-
-    image, mask = picture(40, 32), half_mask(40, 32)
-    ours = generate(built["sd1", "openvino", "fp32"], init_image=image, strength=0.7, steps=10)[0]
-    reference = generate(tiny_engines["sd1"], init_image=image, strength=0.7, steps=10)[0]
-    assert reference.std() > 2 and psnr(ours, reference) >= 70
-
-    root = tmp_path_factory.mktemp("inpaint-precisions")
-    model = tiny_inpaint_models["sd1-inpaint"]
-    build_engines(model, root / "ov", BuildConfig(backend="openvino", accuracy_steps=4))
-    ours = generate(root / "ov", image=image, mask=mask, steps=10)[0]
-    reference = generate(tiny_inpaint_engines["sd1-inpaint"], image=image, mask=mask, steps=10)[0]
-    assert reference.std() > 2 and psnr(ours, reference) >= 70
-
-    pipe = StableDiffusion.from_engine_folder(tiny_inpaint_engines["sd1-inpaint"])
-    try:
-        feeds = record_unet_inputs(pipe, ["a red circle"], 3, (16, 16))
-    finally:
-        pipe.close()
-    assert len(feeds) == 3 and feeds[0]["sample"].shape == (2, 9, 8, 8)  # CFG batch, latents + mask + masked-image latents
-    manifest = build_engines(model, root / "int8", BuildConfig(precision="int8", calibration_steps=4, accuracy_steps=4))
-    assert manifest["tasks"] == ["inpaint"] and np.isfinite(manifest["accuracy"]["min_image_psnr_db"])
-    assert manifest["accuracy"]["components"]["vae_encoder"]["cosine_similarity"] > 0.9
-    assert generate(root / "int8", image=image, mask=mask, steps=6)[0].shape == (32, 40, 3)
