@@ -225,8 +225,13 @@ def measure_flops(a: dict) -> dict:
     sample = torch.randn(2, info.latent_channels, a["height"] // f, a["width"] // f)
     context = torch.randn(2, info.text_max_length, info.cross_attention_dim)
     counter = FlopCounterMode(display=False)
+    labels = None  # the upscaler's noise levels, unCLIP's image embeddings
+    if unet.config.num_class_embeds is not None:
+        labels = torch.tensor([20, 20])
+    elif unet.config.class_embed_type == "projection":
+        labels = torch.zeros(2, unet.config.projection_class_embeddings_input_dim)
     with counter, torch.no_grad():
-        unet(sample, torch.tensor([500.0, 500.0]), encoder_hidden_states=context)
+        unet(sample, torch.tensor([500.0, 500.0]), encoder_hidden_states=context, class_labels=labels)
     return {"unet_gflop": counter.get_total_flops() / 1e9}
 
 

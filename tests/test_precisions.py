@@ -29,7 +29,8 @@ def built(tiny_models, tmp_path_factory):
     for kind, backend, precision in [("sd1", "openvino", "fp32"), ("sd2", "openvino", "fp32"), ("sd1", "openvino", "int8"),
                                      ("sd1", "onnxruntime", "int8"), ("sd1", "openvino", "int8-weights"), ("sd2", "openvino", "fp16")] + [("sd1", "openvino", "bf16")] * NATIVE_BF16:
         folder = root / f"{kind}-{backend}-{precision}"
-        build_engines(tiny_models[kind], folder, BuildConfig(backend=backend, precision=precision, calibration_steps=4, accuracy_steps=4))
+        build_engines(tiny_models[kind], folder, BuildConfig(backend=backend, precision=precision, calibration_prompts=2, calibration_steps=4,
+                                                              accuracy_prompts=1, accuracy_steps=4))  # small: the suite has 5 minutes
         out[kind, backend, precision] = folder
     return out
 
@@ -51,7 +52,7 @@ def test_reduced_precision_builds_run_and_record_their_accuracy(key, built):
     manifest = json.loads((built[key] / "manifest.json").read_text())
     assert manifest["precision"] == key[2]
     accuracy = manifest["accuracy"]
-    assert len(accuracy["image_psnr_db"]) == 2 and np.isfinite(accuracy["min_image_psnr_db"])
+    assert len(accuracy["image_psnr_db"]) == 1 and np.isfinite(accuracy["min_image_psnr_db"])
     for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         component = accuracy["components"][name]
         assert 0 <= component["max_abs_error"] < 10 and 0.9 < component["cosine_similarity"] <= 1.0 + 1e-9, (name, component)
