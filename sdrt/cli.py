@@ -278,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
                    "encoder's length in chunks of 75 tokens, their embeddings concatenated (the WebUI's way)")
     g.add_argument("--init-image", metavar="FILE", help="img2img: start from this image (PNG, JPEG, WebP, ...); output size: "
                    "its size rounded down to the VAE factor unless --height/--width")
-    g.add_argument("--image", metavar="FILE", help="inpainting: the image to repaint (with --mask)")
+    g.add_argument("--image", metavar="FILE", help="inpainting: the image to repaint (with --mask); x4 upscaling and unCLIP variations: the input")
     g.add_argument("--mask", metavar="FILE", help="inpainting: white = repaint, black = keep; the size of --image")
     g.add_argument("--strength", type=float, default=None, help="img2img / inpainting: how far the image is noised, 0 < S <= 1 "
                    "(default 0.8 img2img, 1.0 inpainting, as diffusers); int(steps x S) steps run")
