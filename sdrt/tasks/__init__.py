@@ -19,7 +19,7 @@ UNSET = {"init_image": None, "image": None, "mask": None, "strength": None, "mas
 
 
 def model_tasks(info: ModelInfo) -> tuple[str, ...]:
-    """What a model's U-Net can do, from its input channels."""
+    """What a model's U-Net can do, from its input channels and class labels."""
     c, vae = info.latent_channels, info.vae_latent_channels
     if info.class_labels == "noise_level":  # latents, the noised low-resolution image
         return ("upscale",)

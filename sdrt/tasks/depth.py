@@ -24,6 +24,8 @@ class Depth(Task):
     def check(self, req, s, info):
         if req.depth_map is not None and (not np.isfinite(req.depth_map).all() or req.depth_map.ndim != 2):
             raise SdrtError("--depth-map must be a 2-D array of finite depths")
+        if req.depth_map is None and info.depth_processor is None:
+            raise SdrtError("these engines have no depth estimator (the model had none): give --depth-map")
 
     def start(self, pipe, req, s, scheduler, noise):
         n, f = req.num_images, pipe.info.vae_scale_factor
@@ -32,8 +34,6 @@ class Depth(Task):
             image = image.resize((s.width, s.height), resample=Image.Resampling.LANCZOS)
         depth = req.depth_map
         if depth is None:
-            if pipe.info.depth_processor is None:
-                raise SdrtError("these engines have no depth estimator: give --depth-map")
             depth = pipe.engine("depth_estimator").run({"pixel_values": dpt_pixel_values(image, pipe.info.depth_processor)})["predicted_depth"][0]
         condition = np.repeat(depth_condition(depth, image.height // f, image.width // f), n, axis=0)  # (n, 1, h, w)
         latents = encode(pipe, image_tensor(image, s.height, s.width), noise, n)  # drawn before the noise, as diffusers draws it
