@@ -31,8 +31,8 @@ from sdrt.errors import SdrtError
 from .measure import TASKS
 from .report import config_name, write_report
 
-MODEL_NAMES = ("tiny", "sd15", "sd21-base", "sd21-v")
-RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v"}
+RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v", "sd-x4-upscaler": "sd-x4-upscaler"}
+MODEL_NAMES = tuple(RANDOM_KIND)
 # baseline -> torch dtype of the diffusers pipeline; ratios are against "diffusers" (fp32), the others are further rows
 BASELINES = {"diffusers": "fp32", "diffusers-bf16": "bf16"}
 SHAPES = ("dynamic", "static")  # static: engines built with --static-shape HEIGHTxWIDTH (batch 1)

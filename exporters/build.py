@@ -37,6 +37,7 @@ from sdrt.tasks import model_tasks
 from sdrt.tokenizer import TOKENIZER_FILES, CLIPTokenizer
 
 from . import prompts
+from .model_source import SourceOptions, needs_preparing, prepare_model
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,33 @@ def _os_error(exc: OSError, out: Path) -> SdrtError:
     return SdrtError(f"building --out {out} failed: {exc.strerror or exc}{where}; nothing was written to --out")
 
 
-def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool = False, cache: BuildCache | None = None) -> dict:
+def build_engines(model: Path, out: Path, cfg: BuildConfig, overwrite: bool = False, cache: BuildCache | None = None,
+                  source: SourceOptions | None = None) -> dict:
+    """Engines for `model`: a diffusers folder, or a single-file checkpoint and/or LoRAs to merge (`source`),
+    which become a diffusers folder in a temporary folder beside `out` first."""
+    source = source or SourceOptions()
+    if not needs_preparing(model, source):
+        return _build_engines(model, out, cfg, overwrite, cache, None)
+    _check_replaceable(out, overwrite)
+    work, work_lock = None, None
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = temporary_folder(out.parent, f".{out.name}.building-")  # a killed build's leftover is swept like its staging
+        work_lock = hold(work)
+        log.info("reading %s", model)
+        folder, record = prepare_model(model, work, source)
+        return _build_engines(folder, out, cfg, overwrite, cache, record)
+    except OSError as exc:
+        raise _os_error(exc, out) from None
+    finally:
+        if work_lock is not None:
+            os.close(work_lock)
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+            untrack(work)
+
+
+def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool, cache: BuildCache | None, prepared: dict | None) -> dict:
     try:
         if out.parent.is_dir():
             with locked(out.parent):
@@ -345,7 +372,8 @@ def build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool 
                 raise SdrtError(f"--min-psnr {cfg.min_psnr}: the {cfg.backend} {cfg.precision} engines reach {accuracy['min_image_psnr_db']:.1f} dB "
                                 "against fp32; no engine folder was written")
         manifest = {
-            "model": {"source": str(model_dir.resolve()), **info.to_json()},
+            "model": {"source": prepared["source"] if prepared else str(model_dir.resolve()), **info.to_json()},
+            "prepared": {k: v for k, v in prepared.items() if k != "source"} if prepared else None,  # checkpoint detection, LoRAs
             "tasks": list(tasks),
             "scheduler_config": scheduler_config,
             "defaults": defaults,

@@ -17,6 +17,8 @@ are seeded, so a kind always gives the same model.
         and memory measurements: random weights run as fast as trained ones in fp32
   sd21-base, sd21-v: the full-size SD 2.1 architectures (OpenCLIP-H text encoder, linear
         projections; sd21-v: v-prediction at 768x768 with upcast attention)
+  sd-x4-upscaler: the full-size x4 upscaler architecture (473 M-parameter 7-channel U-Net whose three
+        outer levels attend to the text only, OpenCLIP-H, 3-level VAE), for speed and memory measurements
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd2-upscale", "sd2-unclip", "sd15", "sd21-base", "sd21-v")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd2-upscale", "sd2-unclip", "sd15", "sd21-base", "sd21-v", "sd-x4-upscaler")
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
@@ -40,6 +42,8 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         raise ValueError(f"kind {kind!r}: accepted values are {', '.join(KINDS)}")
     if kind in ("sd15", "sd21-base", "sd21-v"):
         return _make_full_size(kind, out, seed)
+    if kind == "sd-x4-upscaler":
+        return _make_full_size_upscaler(out, seed)
     sd2, inpaint, depth, upscale, unclip = (kind.startswith("sd2"), *(kind.endswith(k) for k in ("-inpaint", "-depth", "-upscale", "-unclip")))
     torch.manual_seed(seed)
     hidden = 32
@@ -136,10 +140,9 @@ def _make_full_size(kind: str, out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     sd2 = kind != "sd15"
     hidden = 1024 if sd2 else 768
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=16 if sd2 else 12,
-        num_hidden_layers=23 if sd2 else 12, max_position_embeddings=77, hidden_act="gelu" if sd2 else "quick_gelu",
-        projection_dim=hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+    text_encoder = _open_clip_h() if sd2 else CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=4 * hidden, num_attention_heads=12, num_hidden_layers=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=hidden, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
     unet = UNet2DConditionModel(  # diffusers' defaults are the SD 1.x U-Net
         sample_size=96 if kind == "sd21-v" else 64, cross_attention_dim=hidden,
         attention_head_dim=(5, 10, 20, 20) if sd2 else 8, use_linear_projection=sd2, upcast_attention=kind == "sd21-v")
@@ -149,6 +152,29 @@ def _make_full_size(kind: str, out: Path, seed: int) -> Path:
     )
     scheduler = scheduler_for("sd2") if kind == "sd21-v" else scheduler_for("sd1")
     return _save(out, text_encoder, unet, vae, scheduler, pad_token="!" if sd2 else "<|endoftext|>")
+
+
+def _open_clip_h() -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+        max_position_embeddings=77, hidden_act="gelu", projection_dim=1024, bos_token_id=49406, eos_token_id=49407, pad_token_id=1))
+
+
+def _make_full_size_upscaler(out: Path, seed: int) -> Path:
+    """stabilityai/stable-diffusion-x4-upscaler's architecture (its published configs) with random weights."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=7, out_channels=4, num_class_embeds=1000, block_out_channels=(256, 512, 512, 1024),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        only_cross_attention=(True, True, True, False), attention_head_dim=8, cross_attention_dim=1024, use_linear_projection=True)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512), layers_per_block=2, latent_channels=4, sample_size=256,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333)
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                              prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return _save(out, _open_clip_h(), unet, vae, scheduler, pad_token="!", pipeline=StableDiffusionUpscalePipeline,
+                 low_res_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
+                 max_noise_level=350)
 
 
 def _save(out: Path, text_encoder, unet, vae, scheduler, pad_token: str, pipeline=StableDiffusionPipeline, **extra) -> Path:

@@ -68,10 +68,14 @@ def _build(args: argparse.Namespace) -> None:
     )
     try:
         from .exporters.build import build_engines
+        from .exporters.model_source import SourceOptions, parse_lora
     except ImportError as exc:
         raise SdrtError(f"`sdrt build` needs the export extra (torch, diffusers, transformers, onnx): {exc.name} is not installed; "
                         "run `pip install torch==2.13.0` then `pip install 'sdrt[export]'`") from None
-    manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite, cache=BuildCache(None, enabled=not args.no_cache))
+    source = SourceOptions(config=Path(args.config) if args.config else None, prediction_type=args.prediction_type,
+                           loras=tuple(parse_lora(v) for v in args.lora))
+    manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite, cache=BuildCache(None, enabled=not args.no_cache),
+                             source=source)
     errors = ", ".join(f"{k} {v['export_max_abs_error']:.2g}" for k, v in manifest["components"].items())
     print(f"built {args.out} ({cfg.backend} {manifest['backend']['version']}, {cfg.precision}, {cfg.device}) "
           f"in {manifest['build_seconds']} s; export max abs error vs torch: {errors}")
@@ -185,6 +189,12 @@ def _info(args: argparse.Namespace) -> None:
     model, backend = manifest["model"], manifest["backend"]
     print(f"engines:     {args.engines} (format {manifest['format_version']}, sdrt {manifest['sdrt_version']}, hash {model_hash(manifest)})")
     print(f"model:       {model['source']}")
+    prepared = manifest.get("prepared") or {}
+    if prepared.get("checkpoint"):
+        c = prepared["checkpoint"]
+        print(f"             a single file read as {c['read_as']} ({c['configs']}), {c['prediction_type']} prediction from {c['prediction_type_from']}")
+    for lora in prepared.get("loras", []):
+        print(f"             LoRA {lora['name']} merged at weight {lora['weight']:g}")
     print(f"tasks:       {', '.join(model_tasks(ModelInfo.from_json({k: v for k, v in model.items() if k != 'source'})))}")
     print(f"             {model['prediction_type']} prediction, latents {model['latent_channels']} ch / VAE x{model['vae_scale_factor']}, "
           f"default {model['default_width']}x{model['default_height']}, text {model['text_max_length']} tokens x {model['text_hidden_size']}")
@@ -234,8 +244,13 @@ def _parser() -> argparse.ArgumentParser:
     verbose = _Parser(add_help=False)  # --verbose is also accepted after the command
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    b = sub.add_parser("build", parents=[verbose], help="export a diffusers model folder and build engines")
-    b.add_argument("model", help="diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    b = sub.add_parser("build", parents=[verbose], help="export a model (diffusers folder or single-file checkpoint) and build engines")
+    b.add_argument("model", help="diffusers model folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), or an "
+                   "SD 1.x/2.x checkpoint file (.safetensors, .ckpt) in the original layout, its architecture detected")
+    b.add_argument("--config", metavar="DIR", help="checkpoint file: the diffusers config folder of its architecture, instead of detecting it")
+    b.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="checkpoint file: what its U-Net predicts, instead of detecting it")
+    b.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge this LoRA (kohya/WebUI or diffusers/PEFT format) into the weights at WEIGHT (default 1.0); repeatable")
     b.add_argument("--out", required=True, help="engine folder to create")
     b.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(BACKENDS)} (default onnxruntime)")
     b.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")
@@ -318,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_grid)
 
     bn = sub.add_parser("bench", parents=[verbose], help="time backends x precisions against the diffusers baseline")
-    bn.add_argument("--model", required=True, help="a model folder, or tiny / sd15 / sd21-base / sd21-v (random weights, generated once)")
+    bn.add_argument("--model", required=True, help="a model folder, or tiny / sd15 / sd21-base / sd21-v / sd-x4-upscaler (random weights, generated once)")
     bn.add_argument("--out", required=True, help="folder for results.json, report.md, report.png and the engines")
     bn.add_argument("--backends", default="onnxruntime", help="comma-separated (default onnxruntime)")
     bn.add_argument("--precisions", default="fp32", help="comma-separated (default fp32)")

@@ -40,3 +40,13 @@ def generate(engines: Path, **kwargs):
         return pipe.generate(GenerateRequest(prompt="a lighthouse at dusk", seed=3, **kwargs), progress=False)
     finally:
         pipe.close()
+
+
+def in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """`sdrt ARGS` through sdrt.cli.main in this process: the same code as the command, without a process start."""
+    from sdrt.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)

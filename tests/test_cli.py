@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import assert_clean_error, sdrt
+from helpers import assert_clean_error, in_process, sdrt
 from sdrt.image_io import read_metadata
 
 BLOCKED = ("torch", "diffusers", "transformers")
@@ -238,16 +238,6 @@ def test_img2img_and_inpainting_without_torch(tiny_engines, no_torch_path, tmp_p
     assert meta["task"] == "inpaint" and meta["strength"] == 1.0 and meta["mask_blur"] == 2.0
     with Image.open(tmp_path / "b.png") as png:
         assert "Denoising strength: 1.0, Mask blur: 2.0" in png.text["parameters"]
-
-
-def in_process(capsys, *args) -> subprocess.CompletedProcess:
-    """`sdrt ARGS` through sdrt.cli.main in this process: the same code as the command, without a process start."""
-    from sdrt.cli import main
-
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
 
 
 def test_task_inputs_errors_are_one_line_and_write_nothing(tiny_engines, tiny_inpaint_engines, tiny_upscaler, tiny_unclip, tmp_path, capsys):

@@ -21,7 +21,9 @@ DEFAULT_NOISE_LEVEL = 20
 class Upscale(Task):
     name = "upscale"
     takes = ("image", "noise_level")
-    default_tile = 256  # latents of the input's size: inputs above 256x256 are upscaled in tiles, in a 256x256 input's memory
+    # latents have the input's size: inputs above 128x128 are upscaled in tiles, so memory follows the tile and not the
+    # input (a 128x128 latent tile's VAE attention scores take 1 GiB; a 256x256 one's would take 16 GiB)
+    default_tile = 128
 
     def default_size(self, req, factor):
         """The output: the input's size rounded down to a multiple of the VAE factor, times that factor."""

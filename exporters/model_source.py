@@ -1,0 +1,194 @@
+"""What `sdrt build` reads, made into a diffusers model folder: a single-file checkpoint converted
+(`single_file.py`), LoRAs merged into the weights. A plain diffusers folder with nothing to merge is
+used as it is. The record returned goes into the manifest: what was detected, what was merged."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdrt.errors import SdrtError, first_line
+from sdrt.tokenizer import TOKENIZER_FILES
+
+from . import single_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    config: Path | None = None  # --config: a diffusers config folder for a single-file checkpoint
+    prediction_type: str | None = None  # --prediction-type
+    loras: tuple[tuple[Path, float], ...] = field(default_factory=tuple)  # --lora FILE[:WEIGHT]
+
+    def __post_init__(self):
+        if self.prediction_type is not None and self.prediction_type not in single_file.PREDICTION_TYPES:
+            raise SdrtError(f"--prediction-type {self.prediction_type!r}: accepted values are {', '.join(single_file.PREDICTION_TYPES)}")
+        if self.config is not None and not (self.config / "model_index.json").is_file():
+            raise SdrtError(f"--config {self.config}: not a diffusers config folder (no model_index.json); give the folder of the "
+                            "model's diffusers configs (weights not needed)")
+        for path, _ in self.loras:
+            if not path.is_file():
+                raise SdrtError(f"--lora {path}: no such file")
+
+
+def parse_lora(value: str) -> tuple[Path, float]:
+    """--lora FILE[:WEIGHT] -> (file, weight); weight 1.0 when not given."""
+    path, sep, weight = value.rpartition(":")
+    if sep and path:
+        try:
+            return Path(path), float(weight)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
+def needs_preparing(model: Path, opts: SourceOptions) -> bool:
+    return model.is_file() or bool(opts.loras) or opts.config is not None or opts.prediction_type is not None
+
+
+def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, dict]:
+    """-> (a diffusers model folder inside `work`, the record of how it was made)."""
+    import torch
+
+    from .build import _quiet_model_libraries
+
+    _quiet_model_libraries()
+    record: dict = {"source": str(model.resolve())}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if model.is_file():
+            pipe, record["checkpoint"] = _load_checkpoint(model, work, opts)
+            tokenizer = opts.config / "tokenizer" if opts.config else work / "config" / "tokenizer"
+        elif model.is_dir():
+            if opts.config is not None or opts.prediction_type is not None:
+                raise SdrtError("--config and --prediction-type apply to single-file checkpoints; this is a diffusers folder, whose own "
+                                "configs say it")
+            pipe = _load_folder(model)
+            tokenizer = model / "tokenizer"
+        else:
+            raise SdrtError(f"{model}: no such file or folder")
+        if opts.loras:
+            record["loras"] = _merge_loras(pipe, opts.loras)
+        out = work / "model"
+        pipe.save_pretrained(out, safe_serialization=True)
+    for name in TOKENIZER_FILES:  # the plain files sdrt's tokenizer reads (transformers 5 saves only tokenizer.json)
+        if (tokenizer / name).is_file():
+            shutil.copyfile(tokenizer / name, out / "tokenizer" / name)
+    return out, record
+
+
+def _load_folder(model: Path):
+    import diffusers
+    import torch
+
+    from sdrt.model_info import read_json
+
+    cls = getattr(diffusers, str(read_json(model / "model_index.json").get("_class_name")), diffusers.StableDiffusionPipeline)
+    return cls.from_pretrained(model, torch_dtype=torch.float32)
+
+
+def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
+    import diffusers
+    import torch
+
+    from sdrt.model_info import read_json
+
+    ckpt = single_file.read_checkpoint(path)
+    if opts.config is not None:
+        config, how = opts.config, "--config"
+        arch = None
+    else:
+        arch = single_file.detect(ckpt)
+        single_file.check_tensors(ckpt, arch)
+        how = "detected"
+    marker = single_file.prediction_type_marker(ckpt)
+    prediction, decided = ((opts.prediction_type, "--prediction-type") if opts.prediction_type else
+                           (marker, "the file says so") if marker else (None, None))
+    if arch is not None:
+        if prediction == "v_prediction" and arch.name == "sd2":
+            arch = single_file.ARCHITECTURES["sd2-v"]
+        config = single_file.write_config_folder(arch, work / "config", prediction or arch.scheduler["prediction_type"])
+    del ckpt  # diffusers reads the file again, tensor by tensor
+    pipeline = getattr(diffusers, str(read_json(config / "model_index.json").get("_class_name")), diffusers.StableDiffusionPipeline)
+    try:
+        pipe = pipeline.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError, NotImplementedError, OSError) as exc:
+        raise SdrtError(f"{path}: diffusers could not load it with {'the --config folder' if arch is None else arch.published + ' configs'}: "
+                        f"{first_line(exc)}") from None
+    for name in ("unet", "vae", "text_encoder"):
+        empty = [n for n, t in getattr(pipe, name).state_dict().items() if t.device.type == "meta"]
+        if empty:
+            raise SdrtError(f"{path}: {len(empty)} of the {name}'s tensors are not in the file, e.g. {empty[0]}")
+    if arch is not None and arch.name == "sd2" and prediction is None:
+        prediction, distance = single_file.probe_prediction_type(
+            lambda x, t: pipe.unet(x, t, encoder_hidden_states=torch.zeros((1, 77, 1024))).sample)
+        decided = f"probe (distance {distance:.2f}; below {single_file.PROBE_THRESHOLD} means epsilon)"
+        if prediction == "v_prediction":
+            arch = single_file.ARCHITECTURES["sd2-v"]
+            pipe.unet.register_to_config(sample_size=arch.unet["sample_size"], upcast_attention=True)
+            pipe.vae.register_to_config(sample_size=arch.vae["sample_size"])
+    if prediction is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "prediction_type": prediction})
+    if arch is not None and arch.name == "sd2-depth":
+        pipe = diffusers.StableDiffusionDepth2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                                                          scheduler=pipe.scheduler, depth_estimator=None, feature_extractor=None)
+    record = {"read_as": arch.name if arch else "--config", "configs": arch.published if arch else str(opts.config.resolve()), "how": how,
+              "prediction_type": pipe.scheduler.config.prediction_type, "prediction_type_from": decided or "the configs"}
+    log.info("read %s as %s; prediction type %s (%s)", path.name, record["configs"], record["prediction_type"], record["prediction_type_from"])
+    return pipe, record
+
+
+def _merge_loras(pipe, loras: tuple[tuple[Path, float], ...]) -> list[dict]:
+    """Each LoRA merged into the fp32 weights at its weight (diffusers' loaders read the kohya/WebUI and
+    diffusers/PEFT formats); a key that no layer of this model takes is an error, not a silent skip."""
+    names = [f"lora{i}" for i in range(len(loras))]
+    for (path, _), name in zip(loras, names):
+        try:
+            with _unused_keys() as unused:
+                pipe.load_lora_weights(str(path), adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise SdrtError(f"--lora {path}: diffusers could not read it for this model: {first_line(exc)}") from None
+        if unused:
+            raise SdrtError(f"--lora {path}: {len(unused)} of its tensors fit no layer of this model (e.g. {unused[0]}); it was made for "
+                            "another architecture")
+    pipe.set_adapters(names, adapter_weights=[w for _, w in loras])
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()
+    return [{"file": str(path.resolve()), "name": path.name, "weight": w} for path, w in loras]
+
+
+class _unused_keys:
+    """Collects the keys diffusers/PEFT report as unexpected while a LoRA loads (they log rather than raise)."""
+
+    LOGGERS = ("diffusers", "peft")
+
+    def __enter__(self) -> list[str]:
+        self.found: list[str] = []
+        self.handler = _KeyCatcher(self.found)
+        self.levels = [logging.getLogger(name).level for name in self.LOGGERS]
+        for name in self.LOGGERS:
+            logging.getLogger(name).addHandler(self.handler)
+            logging.getLogger(name).setLevel(logging.WARNING)
+        return self.found
+
+    def __exit__(self, *exc) -> None:
+        for name, level in zip(self.LOGGERS, self.levels):
+            logging.getLogger(name).removeHandler(self.handler)
+            logging.getLogger(name).setLevel(level)
+
+
+class _KeyCatcher(logging.Handler):
+    def __init__(self, found: list[str]):
+        super().__init__(logging.WARNING)
+        self.found = found
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import re
+
+        message = record.getMessage()
+        if "unexpected keys" in message.lower():
+            self.found.extend(re.findall(r"[\w.]+\.(?:weight|alpha|bias)", message) or [message[:200]])
