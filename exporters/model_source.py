@@ -151,7 +151,10 @@ def _merge_loras(pipe, loras: tuple[tuple[Path, float], ...]) -> list[dict]:
             with _unused_keys() as unused:
                 pipe.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
-            raise SdrtError(f"--lora {path}: diffusers could not read it for this model: {first_line(exc)}") from None
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = next((line for line in lines if line.startswith("size mismatch")), first_line(exc))
+            raise SdrtError(f"--lora {path}: diffusers could not merge it into this model ({reason}); it was made for another "
+                            "architecture") from None
         if unused:
             raise SdrtError(f"--lora {path}: {len(unused)} of its tensors fit no layer of this model (e.g. {unused[0]}); it was made for "
                             "another architecture")
@@ -168,17 +171,16 @@ class _unused_keys:
 
     def __enter__(self) -> list[str]:
         self.found: list[str] = []
-        self.handler = _KeyCatcher(self.found)
-        self.levels = [logging.getLogger(name).level for name in self.LOGGERS]
-        for name in self.LOGGERS:
-            logging.getLogger(name).addHandler(self.handler)
-            logging.getLogger(name).setLevel(logging.WARNING)
+        self.saved = [(logger, logger.level, list(logger.handlers)) for logger in map(logging.getLogger, self.LOGGERS)]
+        for logger, _, _ in self.saved:
+            logger.handlers = [_KeyCatcher(self.found)]  # theirs would print the warning; the error says it
+            logger.setLevel(logging.WARNING)
         return self.found
 
     def __exit__(self, *exc) -> None:
-        for name, level in zip(self.LOGGERS, self.levels):
-            logging.getLogger(name).removeHandler(self.handler)
-            logging.getLogger(name).setLevel(level)
+        for logger, level, handlers in self.saved:
+            logger.handlers = handlers
+            logger.setLevel(level)
 
 
 class _KeyCatcher(logging.Handler):

@@ -340,6 +340,8 @@ class StableDiffusion:
             "tile": s.tile,
             "watermark": req.watermark,
             "model_hash": model_hash(manifest) if manifest else None,
+            "model": Path(manifest["model"]["source"]).stem if manifest else None,
+            "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in (manifest.get("prepared") or {}).get("loras", [])],
             "backend": manifest.get("backend", {}).get("name"),
             "precision": manifest.get("precision"),
         }

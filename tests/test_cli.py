@@ -183,7 +183,7 @@ def test_webui_habits(tiny_engines, tmp_path):
     with Image.open(tmp_path / "r-1.png") as im:
         parameters = im.text["parameters"]
     assert parameters == (f"a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 6.0, "
-                          f"Seed: {seed}, Size: 16x16, Model hash: {meta['model_hash']}, Batch size: 2, Batch pos: 1, Version: sdrt 0.1.0")
+                          f"Seed: {seed}, Size: 16x16, Model hash: {meta['model_hash']}, Model: {meta['model']}, Batch size: 2, Batch pos: 1, Version: sdrt 0.1.0")
     again = sdrt("generate", tiny_engines["sd1"], "--prompt", "a red circle", "--negative-prompt", "blurry", "--steps", "3", "--seed", str(seed),
                  "--scheduler", "dpmpp_2m", "--karras", "--guidance", "6", "--num-images", "2", "--output", tmp_path / "s.png", "--quiet")
     assert again.returncode == 0 and "seed:" not in again.stderr
