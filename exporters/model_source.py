@@ -4,6 +4,7 @@ used as it is. The record returned goes into the manifest: what was detected, wh
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import warnings
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdrt.errors import SdrtError, first_line
-from sdrt.tokenizer import TOKENIZER_FILES
+from sdrt.tokenizer import ADDED_TOKENS, TOKENIZER_FILES
 
 from . import single_file
 
@@ -23,6 +24,7 @@ class SourceOptions:
     config: Path | None = None  # --config: a diffusers config folder for a single-file checkpoint
     prediction_type: str | None = None  # --prediction-type
     loras: tuple[tuple[Path, float], ...] = field(default_factory=tuple)  # --lora FILE[:WEIGHT]
+    embeddings: tuple[tuple[Path, str], ...] = field(default_factory=tuple)  # --embedding FILE[:TOKEN]
 
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in single_file.PREDICTION_TYPES:
@@ -30,9 +32,13 @@ class SourceOptions:
         if self.config is not None and not (self.config / "model_index.json").is_file():
             raise SdrtError(f"--config {self.config}: not a diffusers config folder (no model_index.json); give the folder of the "
                             "model's diffusers configs (weights not needed)")
-        for path, _ in self.loras:
-            if not path.is_file():
-                raise SdrtError(f"--lora {path}: no such file")
+        for option, files in (("--lora", self.loras), ("--embedding", self.embeddings)):
+            for path, _ in files:
+                if not path.is_file():
+                    raise SdrtError(f"{option} {path}: no such file")
+        tokens = [token for _, token in self.embeddings]
+        if len(set(tokens)) < len(tokens):
+            raise SdrtError(f"--embedding: two embeddings would be called {max(tokens, key=tokens.count)!r}; name them with FILE:TOKEN")
 
 
 def parse_lora(value: str) -> tuple[Path, float]:
@@ -46,8 +52,18 @@ def parse_lora(value: str) -> tuple[Path, float]:
     return Path(value), 1.0
 
 
+def parse_embedding(value: str) -> tuple[Path, str]:
+    """--embedding FILE[:TOKEN] -> (file, token); the token is the file's name without suffix when not given, as
+    the WebUI names embeddings."""
+    path, sep, token = value.rpartition(":")
+    if sep and path and token and not Path(value).is_file():
+        return Path(path), token
+    return Path(value), Path(value).stem
+
+
 def needs_preparing(model: Path, opts: SourceOptions) -> bool:
-    return model.is_file() or bool(opts.loras) or opts.config is not None or opts.prediction_type is not None
+    return (model.is_file() or bool(opts.loras) or bool(opts.embeddings) or opts.config is not None
+            or opts.prediction_type is not None)
 
 
 def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, dict]:
@@ -73,11 +89,17 @@ def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, d
             raise SdrtError(f"{model}: no such file or folder")
         if opts.loras:
             record["loras"] = _merge_loras(pipe, opts.loras)
+        if opts.embeddings:
+            record["embeddings"] = _add_embeddings(pipe, opts.embeddings)
         out = work / "model"
         pipe.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:  # the plain files sdrt's tokenizer reads (transformers 5 saves only tokenizer.json)
         if (tokenizer / name).is_file():
             shutil.copyfile(tokenizer / name, out / "tokenizer" / name)
+    base = len(json.loads((out / "tokenizer" / "vocab.json").read_text(encoding="utf-8")))
+    added = {token: i for token, i in pipe.tokenizer.get_added_vocab().items() if i >= base}
+    if added:
+        (out / "tokenizer" / ADDED_TOKENS).write_text(json.dumps(added, indent=2, ensure_ascii=False), encoding="utf-8")
     return out, record
 
 
@@ -162,6 +184,26 @@ def _merge_loras(pipe, loras: tuple[tuple[Path, float], ...]) -> list[dict]:
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
     return [{"file": str(path.resolve()), "name": path.name, "weight": w} for path, w in loras]
+
+
+def _add_embeddings(pipe, embeddings: tuple[tuple[Path, str], ...]) -> list[dict]:
+    """Textual-inversion embeddings (WebUI .pt/.safetensors, diffusers learned_embeds) as new tokens and rows of the
+    text encoder's embedding table, by diffusers' loader (which reads pickles with torch's safe loader only)."""
+    import pickle
+
+    done = []
+    for path, token in embeddings:
+        before = len(pipe.tokenizer)
+        try:
+            pipe.load_textual_inversion(str(path), token=token)
+        except pickle.UnpicklingError as exc:
+            raise SdrtError(f"--embedding {path}: this pickle needs code that torch's safe loader (weights_only) refuses to run "
+                            f"({first_line(exc).split('. ')[0]}); sdrt never runs code from a model file") from None
+        except (ValueError, KeyError, RuntimeError, OSError, TypeError) as exc:
+            raise SdrtError(f"--embedding {path}: diffusers could not add it to this model ({first_line(exc)}); accepted are WebUI .pt/"
+                            ".safetensors embeddings and diffusers learned_embeds files made for this model's text encoder") from None
+        done.append({"file": str(path.resolve()), "name": path.name, "token": token, "vectors": len(pipe.tokenizer) - before})
+    return done
 
 
 class _unused_keys:

@@ -68,12 +68,12 @@ def _build(args: argparse.Namespace) -> None:
     )
     try:
         from .exporters.build import build_engines
-        from .exporters.model_source import SourceOptions, parse_lora
+        from .exporters.model_source import SourceOptions, parse_embedding, parse_lora
     except ImportError as exc:
         raise SdrtError(f"`sdrt build` needs the export extra (torch, diffusers, transformers, onnx): {exc.name} is not installed; "
                         "run `pip install torch==2.13.0` then `pip install 'sdrt[export]'`") from None
     source = SourceOptions(config=Path(args.config) if args.config else None, prediction_type=args.prediction_type,
-                           loras=tuple(parse_lora(v) for v in args.lora))
+                           loras=tuple(parse_lora(v) for v in args.lora), embeddings=tuple(parse_embedding(v) for v in args.embedding))
     manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite, cache=BuildCache(None, enabled=not args.no_cache),
                              source=source)
     errors = ", ".join(f"{k} {v['export_max_abs_error']:.2g}" for k, v in manifest["components"].items())
@@ -195,6 +195,8 @@ def _info(args: argparse.Namespace) -> None:
         print(f"             a single file read as {c['read_as']} ({c['configs']}), {c['prediction_type']} prediction from {c['prediction_type_from']}")
     for lora in prepared.get("loras", []):
         print(f"             LoRA {lora['name']} merged at weight {lora['weight']:g}")
+    for emb in prepared.get("embeddings", []):
+        print(f"             embedding {emb['name']} as the token {emb['token']} ({emb['vectors']} vector{'s' * (emb['vectors'] != 1)})")
     print(f"tasks:       {', '.join(model_tasks(ModelInfo.from_json({k: v for k, v in model.items() if k != 'source'})))}")
     print(f"             {model['prediction_type']} prediction, latents {model['latent_channels']} ch / VAE x{model['vae_scale_factor']}, "
           f"default {model['default_width']}x{model['default_height']}, text {model['text_max_length']} tokens x {model['text_hidden_size']}")
@@ -251,6 +253,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="checkpoint file: what its U-Net predicts, instead of detecting it")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge this LoRA (kohya/WebUI or diffusers/PEFT format) into the weights at WEIGHT (default 1.0); repeatable")
+    b.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="add this textual-inversion embedding (WebUI .pt/.safetensors, diffusers learned_embeds) as TOKEN "
+                   "(default: the file's name without suffix); repeatable")
     b.add_argument("--out", required=True, help="engine folder to create")
     b.add_argument("--backend", default="onnxruntime", help=f"one of {', '.join(BACKENDS)} (default onnxruntime)")
     b.add_argument("--precision", default="fp32", help=f"one of {', '.join(PRECISIONS)} (default fp32)")

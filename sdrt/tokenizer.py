@@ -15,7 +15,8 @@ from .model_info import read_json
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+ADDED_TOKENS = "added_tokens.json"  # {token: id}: textual-inversion tokens, ids after the vocabulary's (transformers' file)
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", ADDED_TOKENS)
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
@@ -69,13 +70,36 @@ class CLIPTokenizer:
         self.bos_id, self.eos_id, self.pad_id = (tok.token_to_id(t) for t in (self.bos, self.eos, self.pad))
         if None in (self.bos_id, self.eos_id, self.pad_id):
             raise SdrtError(f"tokenizer in {folder}: special tokens {self.bos!r}, {self.eos!r}, {self.pad!r} must be in vocab.json")
+        self._vectors = self._add_tokens(folder / ADDED_TOKENS) if (folder / ADDED_TOKENS).is_file() else {}
+
+    def _add_tokens(self, path: Path) -> dict[int, list[int]]:
+        """Textual-inversion tokens, matched whole before BPE as transformers matches added tokens; -> each
+        token's id -> the ids of its vectors (a multi-vector embedding `t` is t, t_1, t_2, ... as diffusers
+        names and expands them)."""
+        added = read_json(path)
+        order = sorted(added, key=added.get)
+        first = self._tok.get_vocab_size()
+        if not all(isinstance(added[t], int) for t in order) or [added[t] for t in order] != list(range(first, first + len(order))):
+            raise SdrtError(f"{path}: token ids must be {first}, {first + 1}, ... (following vocab.json), in any order")
+        self._tok.add_tokens([AddedToken(t, normalized=True) for t in order])
+        vectors = {}
+        for token in order:
+            ids, i = [added[token]], 1
+            while f"{token}_{i}" in added:
+                ids.append(added[f"{token}_{i}"])
+                i += 1
+            vectors[added[token]] = ids
+        return vectors
+
+    def _ids(self, ids: list[int]) -> list[int]:
+        return [v for i in ids for v in self._vectors.get(i, (i,))] if self._vectors else ids
 
     def chunks(self, prompt: str) -> np.ndarray:
         """The AUTOMATIC1111 WebUI's long prompts: -> (k, max_length) int32, the tokens cut into chunks of
         max_length - 2, each with bos, eos and padding (k >= 1; without its comma backtracking and
         emphasis weights)."""
         room = self.max_length - 2
-        tokens = self._tok.encode(prompt, add_special_tokens=False).ids
+        tokens = self._ids(self._tok.encode(prompt, add_special_tokens=False).ids)
         pieces = [tokens[i : i + room] for i in range(0, len(tokens), room)] or [[]]
         ids = np.full((len(pieces), self.max_length), self.pad_id, dtype=np.int32)
         for row, piece in enumerate(pieces):
@@ -87,9 +111,10 @@ class CLIPTokenizer:
         ids = np.full((len(prompts), self.max_length), self.pad_id, dtype=np.int32)
         room = self.max_length - 2
         for row, encoding in enumerate(self._tok.encode_batch(prompts, add_special_tokens=False)):
-            tokens = encoding.ids
+            tokens = self._ids(encoding.ids)
             if len(tokens) > room:
-                dropped = prompts[row][encoding.offsets[room][0]:]
+                kept = next(j for j in range(len(encoding.ids) + 1) if len(self._ids(encoding.ids[: j + 1])) > room)
+                dropped = prompts[row][encoding.offsets[kept][0]:]
                 log.warning("prompt is %d tokens long; the text encoder takes %d, so this end of it was dropped: %r "
                             "(--long-prompts chunk keeps it)", len(tokens), room, dropped)
                 tokens = tokens[:room]

@@ -37,7 +37,7 @@ def generate(engines: Path, **kwargs):
 
     pipe = StableDiffusion.from_engine_folder(engines)
     try:
-        return pipe.generate(GenerateRequest(prompt="a lighthouse at dusk", seed=3, **kwargs), progress=False)
+        return pipe.generate(GenerateRequest(**{"prompt": "a lighthouse at dusk", "seed": 3, **kwargs}), progress=False)
     finally:
         pipe.close()
 
