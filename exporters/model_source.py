@@ -25,6 +25,7 @@ class SourceOptions:
     prediction_type: str | None = None  # --prediction-type
     loras: tuple[tuple[Path, float], ...] = field(default_factory=tuple)  # --lora FILE[:WEIGHT]
     embeddings: tuple[tuple[Path, str], ...] = field(default_factory=tuple)  # --embedding FILE[:TOKEN]
+    vae: Path | None = None  # --vae FILE|DIR
 
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in single_file.PREDICTION_TYPES:
@@ -36,6 +37,8 @@ class SourceOptions:
             for path, _ in files:
                 if not path.is_file():
                     raise SdrtError(f"{option} {path}: no such file")
+        if self.vae is not None and not self.vae.exists():
+            raise SdrtError(f"--vae {self.vae}: no such file or folder")
         tokens = [token for _, token in self.embeddings]
         if len(set(tokens)) < len(tokens):
             raise SdrtError(f"--embedding: two embeddings would be called {max(tokens, key=tokens.count)!r}; name them with FILE:TOKEN")
@@ -62,7 +65,7 @@ def parse_embedding(value: str) -> tuple[Path, str]:
 
 
 def needs_preparing(model: Path, opts: SourceOptions) -> bool:
-    return (model.is_file() or bool(opts.loras) or bool(opts.embeddings) or opts.config is not None
+    return (model.is_file() or bool(opts.loras) or bool(opts.embeddings) or opts.vae is not None or opts.config is not None
             or opts.prediction_type is not None)
 
 
@@ -91,6 +94,9 @@ def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, d
             record["loras"] = _merge_loras(pipe, opts.loras)
         if opts.embeddings:
             record["embeddings"] = _add_embeddings(pipe, opts.embeddings)
+        if opts.vae is not None:
+            pipe.vae = _load_vae(opts.vae, pipe.vae, work)
+            record["vae"] = {"file": str(opts.vae.resolve()), "name": opts.vae.name}
         out = work / "model"
         pipe.save_pretrained(out, safe_serialization=True)
     for name in TOKENIZER_FILES:  # the plain files sdrt's tokenizer reads (transformers 5 saves only tokenizer.json)
@@ -184,6 +190,46 @@ def _merge_loras(pipe, loras: tuple[tuple[Path, float], ...]) -> list[dict]:
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
     pipe.unload_lora_weights()
     return [{"file": str(path.resolve()), "name": path.name, "weight": w} for path, w in loras]
+
+
+def _load_vae(source: Path, model_vae, work: Path):
+    """--vae: a diffusers VAE folder (or a model folder's vae/), or a single file in the original or diffusers layout,
+    read with the model's VAE config; every tensor must be there, the model's scaling factor is kept."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    try:
+        if source.is_dir():
+            folder = source / "vae" if (source / "vae" / "config.json").is_file() else source
+            if not (folder / "config.json").is_file():
+                raise SdrtError(f"--vae {source}: a folder needs config.json (a diffusers VAE folder) or vae/config.json (a model folder)")
+            vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+        else:
+            keys = single_file.read_checkpoint(source).tensors
+            config = work / "vae-config"
+            model_vae.save_config(config)
+            if any(".down_blocks." in k or ".up_blocks." in k for k in keys):  # already diffusers' names
+                from safetensors.torch import load_file
+
+                vae = AutoencoderKL.from_config(model_vae.config)
+                state = load_file(str(source)) if source.suffix == ".safetensors" else torch.load(source, map_location="cpu", weights_only=True)
+                vae.load_state_dict(state, strict=True)
+            else:
+                vae = AutoencoderKL.from_single_file(str(source), config=str(config), local_files_only=True, torch_dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith(("size mismatch", "Missing key"))), first_line(exc))
+        reason = reason.split(". If you want")[0].replace("Cannot load  because ", "")  # not diffusers' advice to load it anyway
+        raise SdrtError(f"--vae {source}: it does not fit this model's VAE ({reason})") from None
+    empty = [n for n, t in vae.state_dict().items() if t.device.type == "meta"]
+    if empty:
+        raise SdrtError(f"--vae {source}: {len(empty)} of the VAE's tensors are not in it, e.g. {empty[0]}; it does not fit this model's VAE")
+    shapes = {n: tuple(t.shape) for n, t in model_vae.state_dict().items()}
+    wrong = [n for n, t in vae.state_dict().items() if shapes.get(n) != tuple(t.shape)]
+    if wrong or shapes.keys() != vae.state_dict().keys():
+        raise SdrtError(f"--vae {source}: its layers differ from this model's VAE (e.g. {(wrong or sorted(shapes.keys() ^ vae.state_dict().keys()))[0]})")
+    vae.register_to_config(scaling_factor=model_vae.config.scaling_factor)
+    return vae.eval()
 
 
 def _add_embeddings(pipe, embeddings: tuple[tuple[Path, str], ...]) -> list[dict]:

@@ -73,7 +73,8 @@ def _build(args: argparse.Namespace) -> None:
         raise SdrtError(f"`sdrt build` needs the export extra (torch, diffusers, transformers, onnx): {exc.name} is not installed; "
                         "run `pip install torch==2.13.0` then `pip install 'sdrt[export]'`") from None
     source = SourceOptions(config=Path(args.config) if args.config else None, prediction_type=args.prediction_type,
-                           loras=tuple(parse_lora(v) for v in args.lora), embeddings=tuple(parse_embedding(v) for v in args.embedding))
+                           loras=tuple(parse_lora(v) for v in args.lora), embeddings=tuple(parse_embedding(v) for v in args.embedding),
+                           vae=Path(args.vae) if args.vae else None)
     manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite, cache=BuildCache(None, enabled=not args.no_cache),
                              source=source)
     errors = ", ".join(f"{k} {v['export_max_abs_error']:.2g}" for k, v in manifest["components"].items())
@@ -195,6 +196,8 @@ def _info(args: argparse.Namespace) -> None:
         print(f"             a single file read as {c['read_as']} ({c['configs']}), {c['prediction_type']} prediction from {c['prediction_type_from']}")
     for lora in prepared.get("loras", []):
         print(f"             LoRA {lora['name']} merged at weight {lora['weight']:g}")
+    if prepared.get("vae"):
+        print(f"             VAE replaced by {prepared['vae']['name']}")
     for emb in prepared.get("embeddings", []):
         print(f"             embedding {emb['name']} as the token {emb['token']} ({emb['vectors']} vector{'s' * (emb['vectors'] != 1)})")
     print(f"tasks:       {', '.join(model_tasks(ModelInfo.from_json({k: v for k, v in model.items() if k != 'source'})))}")
@@ -253,6 +256,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="checkpoint file: what its U-Net predicts, instead of detecting it")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge this LoRA (kohya/WebUI or diffusers/PEFT format) into the weights at WEIGHT (default 1.0); repeatable")
+    b.add_argument("--vae", metavar="FILE|DIR", help="replace the model's VAE: a single file (original or diffusers layout) or a "
+                   "diffusers VAE folder, e.g. vae-ft-mse-840000-ema-pruned.safetensors")
     b.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="add this textual-inversion embedding (WebUI .pt/.safetensors, diffusers learned_embeds) as TOKEN "
                    "(default: the file's name without suffix); repeatable")

@@ -55,7 +55,7 @@ def webui_parameters(meta: dict[str, Any]) -> str:
     lines = [meta["prompt"]] + ([f"Negative prompt: {meta['negative_prompt']}"] if meta["negative_prompt"] else [])
     fields = {"Steps": meta["steps"], "Sampler": WEBUI_NAME_OF.get(meta["scheduler"], meta["scheduler"]),
               "Schedule type": "Karras" if meta["karras_sigmas"] else None, "CFG scale": meta["guidance"], "Seed": meta["image_seed"] or meta["seed"],
-              "Size": f"{meta['width']}x{meta['height']}", "Model hash": meta["model_hash"], "Model": meta.get("model"),
+              "Size": f"{meta['width']}x{meta['height']}", "Model hash": meta["model_hash"], "Model": meta.get("model"), "VAE": meta.get("vae"),
               "LoRAs": ", ".join(f"{lora['name']}:{lora['weight']:g}" for lora in meta.get("loras", [])) or None,
               "Denoising strength": meta.get("strength"), "Mask blur": meta.get("mask_blur")}
     if meta["num_images"] > 1 and meta["image_seed"] is None:  # one generator drew the whole batch: the seed alone is not enough

@@ -342,6 +342,7 @@ class StableDiffusion:
             "model_hash": model_hash(manifest) if manifest else None,
             "model": Path(manifest["model"]["source"]).stem if manifest else None,
             "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in (manifest.get("prepared") or {}).get("loras", [])],
+            "vae": ((manifest.get("prepared") or {}).get("vae") or {}).get("name"),
             "backend": manifest.get("backend", {}).get("name"),
             "precision": manifest.get("precision"),
         }
