@@ -41,9 +41,14 @@ class UNet(torch.nn.Module):
     def __init__(self, model: UNet2DConditionModel):
         super().__init__()
         self.model = model
+        cfg = model.config  # the optional inputs it has, in the order of its ComponentSpec
+        self.extras = [name for name, has in (("class_labels", cfg.class_embed_type or cfg.num_class_embeds),
+                                              ("timestep_cond", cfg.time_cond_proj_dim)) if has]
 
-    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):  # (B, C, h, w), (B,), (B, S, D)[, (B,)] -> (B, C', h, w)
-        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *extras):
+        # (B, C, h, w), (B,), (B, S, D)[, class_labels (B,) or (B, E)][, timestep_cond (B, G)] -> (B, C', h, w)
+        return self.model(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False,
+                          **dict(zip(self.extras, extras)))[0]
 
 
 class VaeDecoder(torch.nn.Module):

@@ -11,6 +11,8 @@ are seeded, so a kind always gives the same model.
         (StableDiffusionDepth2ImgPipeline)
   sd2-upscale: sd2 as the x4 upscaler: 7-channel U-Net with 1000 noise-level classes, x4 VAE,
         DDPM low-resolution scheduler (StableDiffusionUpscalePipeline)
+  sd1-lcm: sd1 as an LCM-distilled model: the guidance scale's embedding enters the U-Net (time_cond_proj_dim),
+        LCM scheduler config (LatentConsistencyModelPipeline)
   sd2-unclip: sd2 as Stable unCLIP: a tiny CLIP vision encoder whose noised embedding is the U-Net's
         projected class label (StableUnCLIPImg2ImgPipeline)
   sd15: the full-size SD 1.5 architecture (859.5 M-parameter U-Net, 3.4 GB in fp32), for speed
@@ -26,14 +28,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionDepth2ImgPipeline,
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, LatentConsistencyModelPipeline, LCMScheduler, PNDMScheduler, StableDiffusionDepth2ImgPipeline,
                        StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionUpscalePipeline, StableUnCLIPImg2ImgPipeline,
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .clip_vocab import write_clip_tokenizer
 
-KINDS = ("sd1", "sd2", "sd1-inpaint", "sd2-inpaint", "sd2-depth", "sd2-upscale", "sd2-unclip", "sd15", "sd21-base", "sd21-v", "sd-x4-upscaler")
+KINDS = ("sd1", "sd2", "sd1-inpaint", "sd1-lcm", "sd2-inpaint", "sd2-depth", "sd2-upscale", "sd2-unclip", "sd15", "sd21-base", "sd21-v", "sd-x4-upscaler")
 SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
 
 
@@ -44,7 +46,8 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         return _make_full_size(kind, out, seed)
     if kind == "sd-x4-upscaler":
         return _make_full_size_upscaler(out, seed)
-    sd2, inpaint, depth, upscale, unclip = (kind.startswith("sd2"), *(kind.endswith(k) for k in ("-inpaint", "-depth", "-upscale", "-unclip")))
+    sd2, inpaint, depth, upscale, unclip, lcm = (kind.startswith("sd2"),
+                                                 *(kind.endswith(k) for k in ("-inpaint", "-depth", "-upscale", "-unclip", "-lcm")))
     torch.manual_seed(seed)
     hidden = 32
     text_encoder = CLIPTextModel(
@@ -58,7 +61,8 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         sample_size=8,
         in_channels=9 if inpaint else 5 if depth else 7 if upscale else 4,  # + mask and masked-image latents, depth, low-res image
         num_class_embeds=1000 if upscale else None,  # the upscaler's noise level
-        class_embed_type="projection" if unclip else None,  # unCLIP: the noised image embedding and its level's embedding
+        class_embed_type="projection" if unclip else None,
+        time_cond_proj_dim=32 if lcm else None,  # the guidance embedding (256 in LCM_Dreamshaper_v7)  # unCLIP: the noised image embedding and its level's embedding
         projection_class_embeddings_input_dim=2 * hidden if unclip else None,
         out_channels=4,
         block_out_channels=(32, 64),
@@ -91,6 +95,9 @@ def make_random_model(kind: str, out: Path, seed: int = 0) -> Path:
         return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!", pipeline=StableDiffusionUpscalePipeline,
                      low_res_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear"),
                      max_noise_level=350)
+    if lcm:
+        return _save(out, text_encoder, unet, vae, LCMScheduler(**SD_BETAS, set_alpha_to_one=True, original_inference_steps=50),
+                     pad_token="<|endoftext|>", pipeline=LatentConsistencyModelPipeline)
     if depth:
         return _save(out, text_encoder, unet, vae, scheduler_for(kind), pad_token="!", pipeline=StableDiffusionDepth2ImgPipeline,
                      **_tiny_depth_estimator())

@@ -71,6 +71,7 @@ def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
                 TensorSpec("timestep", "float32", ("batch",)),
                 TensorSpec("encoder_hidden_states", "float32", ("batch", "sequence", info.cross_attention_dim)),
                 *class_labels,  # the x4 upscaler's noise level, unCLIP's noised image embedding
+                *((TensorSpec("timestep_cond", "float32", ("batch", info.guidance_embed_dim)),) if info.guidance_embed_dim else ()),
             ),
             (TensorSpec("out_sample", "float32", ("batch", c_out, "latent_height", "latent_width")),),
         ),

@@ -16,7 +16,8 @@ from .schedulers.config import CommonConfig
 
 COMPONENT_FOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                       "StableDiffusionDepth2ImgPipeline", "StableDiffusionUpscalePipeline", "StableUnCLIPImg2ImgPipeline")
+                       "StableDiffusionDepth2ImgPipeline", "StableDiffusionUpscalePipeline", "StableUnCLIPImg2ImgPipeline",
+                       "LatentConsistencyModelPipeline", "LatentConsistencyModelImg2ImgPipeline")
 UPSCALER_SCALING_FACTOR = 0.08333  # diffusers' StableDiffusionUpscalePipeline sets it whatever the VAE config says
 
 
@@ -44,6 +45,7 @@ class ModelInfo:
     image_noising_scheduler: dict | None = None  # unCLIP: the config of the scheduler that noises the image embedding
     image_embed_dim: int | None = None  # unCLIP: the image encoder's projection size (the class labels take twice that)
     image_normalizer: dict | None = None  # unCLIP: {"mean": [...], "std": [...]} of the image embeddings (filled in by the build)
+    guidance_embed_dim: int | None = None  # LCM-distilled U-Nets: the guidance scale enters as an embedding of this size (timestep_cond)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,5 +171,6 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         class_labels="noise_level" if upscaler else "image_embeds" if unclip else None,
         max_noise_level=_int(index, model_dir / "model_index.json", "max_noise_level", 0, 10**4, default=350) if upscaler else None,
         low_res_scheduler=read_json(model_dir / "low_res_scheduler" / "scheduler_config.json") if upscaler else None,
+        guidance_embed_dim=_int(unet, paths["unet"], "time_cond_proj_dim", 1, MAX_CHANNELS) if unet.get("time_cond_proj_dim") else None,
         **unclip_info,
     )

@@ -31,6 +31,7 @@ from .noise import make_batch_noise
 from .schedulers import default_scheduler_name, make_scheduler, resolve_scheduler
 from .schedulers.base import begin_index
 from .tasks import TASKS, Start, Task, model_tasks, requested_task
+from .tasks.base import guidance_embedding
 from .tiling import TiledEngine
 from .watermark import MIN_PIXELS as WATERMARK_MIN_PIXELS
 from .watermark import embed as embed_watermark
@@ -259,13 +260,17 @@ class StableDiffusion:
         h, w = s.height // f, s.width // f
         check_fits(attention_bytes(min(h, s.tile or h) * min(w, s.tile or w)), f"{s.height}x{s.width}" + (f" in tiles of {s.tile}" if s.tile else ""))
 
-        # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D)
-        if s.guidance > 1.0:
+        # text embeddings: (2n, S, D) = [negative x n, positive x n] with guidance, else (n, S, D); LCM-distilled
+        # U-Nets take the guidance scale as an input (timestep_cond) instead of a second, unconditional half
+        embed_dim = self.info.guidance_embed_dim
+        if s.guidance > 1.0 and not embed_dim:
             negative, positive = self._encode_text([req.negative_prompt, req.prompt], req.long_prompts)
             context = np.concatenate([np.repeat(negative[None], n, 0), np.repeat(positive[None], n, 0)])
         else:
             context = np.repeat(self._encode_text([req.prompt], req.long_prompts), n, 0)
         start = self.task(req).start(self, req, s, scheduler, noise)
+        if embed_dim:
+            start = dataclasses.replace(start, unet_feeds={**start.unet_feeds, "timestep_cond": guidance_embedding(s.guidance, embed_dim, n)})
         unet, decoder = self.engines["unet"], self.engines["vae_decoder"]
         if s.tile:
             overlap = s.tile // 4

@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from sdrt.errors import SdrtError  # noqa: E402
-from sdrt.schedulers import DIFFUSERS_CLASS_OF, SCHEDULERS, default_scheduler_name, make_scheduler  # noqa: E402
+from sdrt.schedulers import CONSISTENCY, DIFFUSERS_CLASS_OF, SCHEDULERS, default_scheduler_name, make_scheduler  # noqa: E402
 
 TOLERANCE = 1e-5  # max |ours - diffusers| / max |diffusers|, per step
 
@@ -84,9 +84,10 @@ def run_parity(name, config, steps, karras=False, tolerance=TOLERANCE, strength=
         x_ours = x_ref.numpy().copy()
 
 
+DIFFUSION = sorted(set(SCHEDULERS) - set(CONSISTENCY))  # the consistency samplers have their own spacing: tested below
 GRID = list(
     itertools.product(
-        sorted(SCHEDULERS), ["epsilon", "v_prediction"], [1, 2, 10, 20, 50], ["leading", "trailing", "linspace"], [0, 1]
+        DIFFUSION, ["epsilon", "v_prediction"], [1, 2, 10, 20, 50], ["leading", "trailing", "linspace"], [0, 1]
     )
 )
 
@@ -103,7 +104,7 @@ def test_karras_sigmas_parity(name, prediction_type, steps, spacing):
     run_parity(name, sd_config(prediction_type, spacing, 1), steps, karras=True)
 
 
-@pytest.mark.parametrize("name,strength,steps,spacing", itertools.product(sorted(SCHEDULERS), [0.29, 0.5, 0.75, 1.0], [7, 20, 100], ["leading", "trailing"]))
+@pytest.mark.parametrize("name,strength,steps,spacing", itertools.product(DIFFUSION, [0.29, 0.5, 0.75, 1.0], [7, 20, 100], ["leading", "trailing"]))
 def test_partial_schedules_and_add_noise_parity(name, strength, steps, spacing):
     run_parity(name, sd_config("epsilon", spacing, 1), steps, strength=strength)
 
@@ -197,3 +198,39 @@ def test_zero_terminal_snr_schedule():
 def test_zero_terminal_snr_refused_where_diffusers_has_no_such_option(name):
     with pytest.raises(SdrtError, match="'rescale_betas_zero_snr' = True is not supported"):
         make_scheduler(name, sd_config("v_prediction", "trailing", 0, rescale_betas_zero_snr=True))
+
+
+def lcm_config(prediction_type="epsilon", **extra):
+    """An LCM model's scheduler_config.json (LCM_Dreamshaper_v7 values)."""
+    return {**sd_config(prediction_type, "leading", 1), "_class_name": "LCMScheduler", "set_alpha_to_one": True,
+            "original_inference_steps": 50, "timestep_scaling": 10.0, **extra}
+
+
+@pytest.mark.parametrize("steps,prediction_type,extra", [
+    (1, "epsilon", {}), (2, "epsilon", {}), (4, "epsilon", {}), (8, "v_prediction", {}), (50, "epsilon", {}),
+    (4, "epsilon", {"original_inference_steps": 100, "set_alpha_to_one": False}), (3, "epsilon", {"timestep_scaling": 5.0}),
+    (6, "v_prediction", {"rescale_betas_zero_snr": True}),
+])
+def test_lcm_parity_with_diffusers(steps, prediction_type, extra):
+    run_parity("lcm", lcm_config(prediction_type, **extra), steps)
+
+
+@pytest.mark.parametrize("steps,strength", [(4, 0.5), (2, 0.3), (6, 0.8)])
+def test_lcm_img2img_schedule_is_shortened_by_strength(steps, strength):
+    """diffusers' LCM img2img pipeline: strength shortens the distillation schedule, and every step of the
+    shortened schedule runs; the image latents are noised to its first timestep."""
+    ref = diffusers.LCMScheduler.from_config(lcm_config())
+    ref.set_timesteps(steps, strength=strength)
+    ours = make_scheduler("lcm", lcm_config())
+    ours.set_timesteps(steps, strength)
+    assert ours.begin == 0
+    np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))
+    x0, noise = torch.randn((1, 4, 8, 8)), torch.randn((1, 4, 8, 8))
+    assert rel_err(ours.add_noise(x0.numpy(), noise.numpy(), 0), ref.add_noise(x0, noise, ref.timesteps[:1]).numpy()) <= TOLERANCE
+
+
+def test_lcm_step_count_errors_name_the_range():
+    with pytest.raises(SdrtError, match="--steps 51 is out of range for the lcm scheduler: accepted values are 1 .. 50"):
+        make_scheduler("lcm", lcm_config()).set_timesteps(51)
+    with pytest.raises(SdrtError, match=r"1 \.\. 10 .*--strength 0.2"):
+        make_scheduler("lcm", lcm_config()).set_timesteps(12, 0.2)

@@ -183,17 +183,22 @@ def test_tiled_upscaling_agrees_with_untiled(tiny_upscaler):
         pipe.close()
 
 
-def test_noise_level_embedding_matches_diffusers():
-    """atol 1e-4: the angles reach 999 rad in float32, where one ulp is 6e-5, and NumPy's and torch's float32
-    exp differ by an ulp here and there (measured 1.5e-5)."""
+def test_noise_level_and_guidance_embeddings_match_diffusers():
+    """unCLIP's noise-level embedding and LCM's guidance embedding, to 2 ulps of the largest angle: NumPy's and
+    torch's float32 exp differ by an ulp here and there, which the angle (999 rad for levels, 1000 (w - 1) for
+    guidance w: 7500 rad at LCM's default 8.5, whose float32 ulp is 4.9e-4) carries into sin and cos."""
     from diffusers.models.embeddings import get_timestep_embedding
 
-    from sdrt.tasks.unclip import timestep_embedding
+    from sdrt.tasks.base import guidance_embedding, sinusoidal_embedding
 
     levels = np.array([0, 1, 17, 500, 999])
     for dim in (32, 1024, 33):
         ref = get_timestep_embedding(torch.from_numpy(levels), dim, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
-        np.testing.assert_allclose(timestep_embedding(levels, dim), ref, atol=1e-4)
+        np.testing.assert_allclose(sinusoidal_embedding(levels, dim, cos_first=True, shift=0), ref, atol=2 * np.spacing(np.float32(999)))
+    lcm = diffusers.LatentConsistencyModelPipeline.get_guidance_scale_embedding
+    for guidance, dim in ((8.5, 256), (1.0, 32), (2.0, 33), (15.0, 256)):
+        ref = lcm(None, torch.tensor([guidance - 1.0] * 2), embedding_dim=dim).numpy()
+        np.testing.assert_allclose(guidance_embedding(guidance, dim, 2), ref, atol=2 * np.spacing(np.float32(1000 * (guidance - 1))) + 1e-7)
 
 
 @pytest.mark.slow

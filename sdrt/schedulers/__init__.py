@@ -8,13 +8,16 @@ from .ddim import DDIMScheduler
 from .dpmpp_2m import DPMSolverPlusPlus2MScheduler
 from .euler import EulerScheduler
 from .euler_a import EulerAncestralScheduler
+from .lcm import LCMScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
     cls.name: cls
-    for cls in (DDIMScheduler, PNDMScheduler, DPMSolverPlusPlus2MScheduler, EulerScheduler, EulerAncestralScheduler, LMSScheduler)
+    for cls in (DDIMScheduler, PNDMScheduler, DPMSolverPlusPlus2MScheduler, EulerScheduler, EulerAncestralScheduler, LMSScheduler,
+                LCMScheduler)
 }
+CONSISTENCY = ("lcm",)  # few-step samplers of distilled models: their own timestep spacing, img2img strength inside the schedule
 
 # diffusers' class name in a model's scheduler_config.json -> sdrt's scheduler of that algorithm
 DIFFUSERS_CLASS_NAMES = {
@@ -24,6 +27,7 @@ DIFFUSERS_CLASS_NAMES = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a",
     "LMSDiscreteScheduler": "lms",
+    "LCMScheduler": "lcm",
 }
 
 DIFFUSERS_CLASS_OF = {name: cls for cls, name in DIFFUSERS_CLASS_NAMES.items()}
@@ -40,6 +44,7 @@ WEBUI_SAMPLERS = {
     "Euler a": ("euler_a", False),
     "LMS": ("lms", False),
     "LMS Karras": ("lms", True),
+    "LCM": ("lcm", False),
 }
 WEBUI_NAME_OF = {name: webui for webui, (name, karras) in WEBUI_SAMPLERS.items() if not karras}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -58,3 +59,26 @@ def encode(pipe: "StableDiffusion", pixels: np.ndarray, noise, n: int) -> np.nda
     draws = noise.randn((n if isinstance(noise, PerImageNoise) else 1, *mean.shape[1:]))
     latents = (mean + std * draws) * np.float32(pipe.info.scaling_factor)
     return np.ascontiguousarray(np.broadcast_to(latents, (n, *mean.shape[1:])))
+
+
+def _sin_cos(values: np.ndarray, frequencies: np.ndarray, dim: int, cos_first: bool) -> np.ndarray:
+    angles = values.astype(np.float32)[:, None] * frequencies[None, :]
+    parts = [np.cos(angles), np.sin(angles)] if cos_first else [np.sin(angles), np.cos(angles)]
+    return np.pad(np.concatenate(parts, axis=1), ((0, 0), (0, dim % 2))).astype(np.float32)
+
+
+def sinusoidal_embedding(values: np.ndarray, dim: int, cos_first: bool, shift: int) -> np.ndarray:
+    """(k,) -> (k, dim) float32: diffusers' get_timestep_embedding (flip_sin_to_cos = cos_first, downscale_freq_shift
+    = shift), in its order of float32 operations: frequencies exp(-ln(10000) i / (dim / 2 - shift)), i < dim / 2."""
+    half = dim // 2
+    exponent = np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half - shift)
+    return _sin_cos(values, np.exp(exponent), dim, cos_first)
+
+
+def guidance_embedding(guidance: float, dim: int, n: int) -> np.ndarray:
+    """LCM-distilled U-Nets' timestep_cond: (n, dim) float32, the embedding of (guidance - 1) x 1000 as diffusers'
+    LatentConsistencyModelPipeline.get_guidance_scale_embedding makes it, in its order of float32 operations."""
+    half = dim // 2
+    step = np.float32(np.log(np.float32(10000))) / np.float32(half - 1)
+    w = np.full((n,), (np.float32(guidance) - np.float32(1)) * np.float32(1000), dtype=np.float32)
+    return _sin_cos(w, np.exp(np.arange(half, dtype=np.float32) * -step), dim, cos_first=False)

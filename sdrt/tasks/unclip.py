@@ -5,8 +5,6 @@ optional. Random draws: the embedding noise (drawn even at level 0), then the la
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..clip_image import clip_pixel_values
@@ -14,19 +12,9 @@ from ..errors import SdrtError
 from ..noise import PerImageNoise
 from ..schedulers.config import CommonConfig, parse_config
 from ..schedulers.schedule import alphas_cumprod, vp_add_noise
-from .base import Start, Task, latent_shape
+from .base import Start, Task, latent_shape, sinusoidal_embedding
 
 SIZE_MULTIPLE = 8  # diffusers' unCLIP pipeline requires it whatever the VAE factor
-
-
-def timestep_embedding(levels: np.ndarray, dim: int) -> np.ndarray:
-    """(k,) -> (k, dim) float32: diffusers' get_timestep_embedding with flip_sin_to_cos and no frequency shift
-    (cos half first): frequencies exp(-ln(10000) i / (dim / 2)), i < dim / 2."""
-    half = dim // 2
-    frequencies = np.exp(np.float32(-math.log(10000)) * np.arange(half, dtype=np.float32) / np.float32(half))
-    angles = levels.astype(np.float32)[:, None] * frequencies[None, :]
-    embedding = np.concatenate([np.cos(angles), np.sin(angles)], axis=1)
-    return np.pad(embedding, ((0, 0), (0, dim % 2))).astype(np.float32)
 
 
 class UnClip(Task):
@@ -54,7 +42,7 @@ class UnClip(Task):
         embed_noise = noise.randn((draws, embeds.shape[1]))
         scaled = (embeds - mean) * np.float32(1.0) / std
         noised = vp_add_noise(alphas_cumprod(parse_config(CommonConfig, info.image_noising_scheduler)), level, scaled, embed_noise) * std + mean
-        labels = np.concatenate([noised, timestep_embedding(np.full((draws,), level), embeds.shape[1])], axis=1)  # (draws, 2D)
+        labels = np.concatenate([noised, sinusoidal_embedding(np.full((draws,), level), embeds.shape[1], cos_first=True, shift=0)], axis=1)  # (draws, 2D)
         labels = np.ascontiguousarray(np.broadcast_to(labels, (n, labels.shape[1])))
         latents = noise.randn(latent_shape(pipe, s, n)) * np.float32(scheduler.init_noise_sigma)
         return Start(latents, unet_feeds={"class_labels": labels}, unconditional_feeds={"class_labels": np.zeros_like(labels)})
