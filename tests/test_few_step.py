@@ -59,15 +59,18 @@ def test_lcm_img2img_matches_diffusers(tiny_lcm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_lcm_scheduler_on_an_ordinary_model_matches_diffusers(guidance, tiny_models, tiny_engines):
-    """How LCM-LoRA runs once merged (sdrt build --lora): the standard loop, with or without classifier-free guidance."""
+@pytest.mark.parametrize("scheduler,guidance", [("lcm", 1.0), ("lcm", 2.0), ("tcd", 1.0)])
+def test_consistency_schedulers_on_an_ordinary_model_match_diffusers(scheduler, guidance, tiny_models, tiny_engines):
+    """How LCM-LoRA and TCD-LoRA run once merged (sdrt build --lora): the standard loop, with or without
+    classifier-free guidance; TCD at gamma (diffusers' eta) 0.3."""
+    from sdrt.schedulers import DIFFUSERS_CLASS_OF
+
     ref = diffusers.StableDiffusionPipeline.from_pretrained(tiny_models["sd1"], safety_checker=None)
-    ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+    ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[scheduler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     expected = _as_uint8(ref(PROMPT, num_inference_steps=4, guidance_scale=guidance, generator=torch.Generator().manual_seed(3),
-                             output_type="np").images)[0]
-    got = generate(tiny_engines["sd1"], steps=4, guidance=guidance, scheduler="lcm")[0]
+                             output_type="np", **({"eta": 0.3} if scheduler == "tcd" else {})).images)[0]
+    got = generate(tiny_engines["sd1"], steps=4, guidance=guidance, scheduler=scheduler)[0]
     assert psnr(got, expected) >= MIN_PSNR
 
 

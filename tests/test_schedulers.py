@@ -206,22 +206,25 @@ def lcm_config(prediction_type="epsilon", **extra):
             "original_inference_steps": 50, "timestep_scaling": 10.0, **extra}
 
 
+@pytest.mark.parametrize("name", CONSISTENCY)
 @pytest.mark.parametrize("steps,prediction_type,extra", [
     (1, "epsilon", {}), (2, "epsilon", {}), (4, "epsilon", {}), (8, "v_prediction", {}), (50, "epsilon", {}),
     (4, "epsilon", {"original_inference_steps": 100, "set_alpha_to_one": False}), (3, "epsilon", {"timestep_scaling": 5.0}),
     (6, "v_prediction", {"rescale_betas_zero_snr": True}),
 ])
-def test_lcm_parity_with_diffusers(steps, prediction_type, extra):
-    run_parity("lcm", lcm_config(prediction_type, **extra), steps)
+def test_consistency_sampler_parity_with_diffusers(name, steps, prediction_type, extra):
+    """TCD at gamma 0.3, its step's default (the one sdrt uses)."""
+    run_parity(name, {**lcm_config(prediction_type, **extra), "_class_name": DIFFUSERS_CLASS_OF[name]}, steps)
 
 
+@pytest.mark.parametrize("name", CONSISTENCY)
 @pytest.mark.parametrize("steps,strength", [(4, 0.5), (2, 0.3), (6, 0.8)])
-def test_lcm_img2img_schedule_is_shortened_by_strength(steps, strength):
+def test_consistency_img2img_schedule_is_shortened_by_strength(name, steps, strength):
     """diffusers' LCM img2img pipeline: strength shortens the distillation schedule, and every step of the
     shortened schedule runs; the image latents are noised to its first timestep."""
-    ref = diffusers.LCMScheduler.from_config(lcm_config())
+    ref = getattr(diffusers, DIFFUSERS_CLASS_OF[name]).from_config(lcm_config())
     ref.set_timesteps(steps, strength=strength)
-    ours = make_scheduler("lcm", lcm_config())
+    ours = make_scheduler(name, lcm_config())
     ours.set_timesteps(steps, strength)
     assert ours.begin == 0
     np.testing.assert_array_equal(ours.timesteps, ref.timesteps.numpy().astype(np.float32))

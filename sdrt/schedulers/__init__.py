@@ -11,13 +11,14 @@ from .euler_a import EulerAncestralScheduler
 from .lcm import LCMScheduler
 from .lms import LMSScheduler
 from .pndm import PNDMScheduler
+from .tcd import TCDScheduler
 
 SCHEDULERS: dict[str, type[Scheduler]] = {
     cls.name: cls
     for cls in (DDIMScheduler, PNDMScheduler, DPMSolverPlusPlus2MScheduler, EulerScheduler, EulerAncestralScheduler, LMSScheduler,
-                LCMScheduler)
+                LCMScheduler, TCDScheduler)
 }
-CONSISTENCY = ("lcm",)  # few-step samplers of distilled models: their own timestep spacing, img2img strength inside the schedule
+CONSISTENCY = ("lcm", "tcd")  # few-step samplers of distilled models: their own timestep spacing, img2img strength inside the schedule
 
 # diffusers' class name in a model's scheduler_config.json -> sdrt's scheduler of that algorithm
 DIFFUSERS_CLASS_NAMES = {
@@ -28,6 +29,7 @@ DIFFUSERS_CLASS_NAMES = {
     "EulerAncestralDiscreteScheduler": "euler_a",
     "LMSDiscreteScheduler": "lms",
     "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
 }
 
 DIFFUSERS_CLASS_OF = {name: cls for cls, name in DIFFUSERS_CLASS_NAMES.items()}
@@ -45,6 +47,7 @@ WEBUI_SAMPLERS = {
     "LMS": ("lms", False),
     "LMS Karras": ("lms", True),
     "LCM": ("lcm", False),
+    "TCD": ("tcd", False),
 }
 WEBUI_NAME_OF = {name: webui for webui, (name, karras) in WEBUI_SAMPLERS.items() if not karras}
 

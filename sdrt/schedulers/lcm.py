@@ -11,13 +11,12 @@ import dataclasses
 
 import numpy as np
 
-from ..errors import SdrtError
 from .base import Scheduler
 from .config import CommonConfig, parse_config
 from .parameterization import vp_x0
-from .schedule import alphas_cumprod, vp_add_noise
+from .schedule import alphas_cumprod, distillation_timesteps, vp_add_noise
 
-SIGMA_DATA = np.float32(0.5)
+SIGMA_DATA = 0.5  # the boundary condition's data standard deviation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,25 +46,15 @@ class LCMScheduler(Scheduler):
 
     def set_timesteps(self, num_steps: int, strength: float = 1.0) -> None:
         cfg = self.config
-        if not 0 < strength <= 1:
-            raise SdrtError(f"--strength {strength:g} is out of range: accepted values are 0 < strength <= 1")
-        origin_steps = cfg.original_inference_steps
-        if not 1 <= origin_steps <= cfg.num_train_timesteps:
-            raise SdrtError(f"scheduler config key 'original_inference_steps' = {origin_steps} must be 1 .. {cfg.num_train_timesteps}")
-        origin = np.arange(1, int(origin_steps * strength) + 1) * (cfg.num_train_timesteps // origin_steps) - 1  # ascending
-        if not 1 <= num_steps <= min(origin_steps, len(origin)):
-            raise SdrtError(f"--steps {num_steps} is out of range for the lcm scheduler: accepted values are 1 .. {len(origin)} "
-                            f"(the distillation schedule's {origin_steps} steps" + (f" times --strength {strength:g})" if strength < 1 else ")"))
-        indices = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
-        t = origin[::-1][indices]
+        t = distillation_timesteps(cfg, cfg.original_inference_steps, num_steps, strength, self.name)
         self.begin = 0
         self.timesteps = t.astype(np.float32)
         self._alpha_prod_t = self.alphas_cumprod[t]
         prev = np.append(t[1:], t[-1])  # the last step's "next" timestep is its own (unused: no noise there)
         self._alpha_prod_t_prev = np.array([self.alphas_cumprod[p] if p >= 0 else self.final_alpha_cumprod for p in prev], dtype=np.float32)
-        scaled = t.astype(np.float64) * cfg.timestep_scaling
-        self._c_skip = (0.25 / (scaled**2 + 0.25)).astype(np.float32)  # sigma_data^2 / (s^2 + sigma_data^2)
-        self._c_out = (scaled / (scaled**2 + 0.25) ** 0.5).astype(np.float32)
+        scaled, sd2 = t.astype(np.float64) * cfg.timestep_scaling, SIGMA_DATA**2
+        self._c_skip = (sd2 / (scaled**2 + sd2)).astype(np.float32)
+        self._c_out = (scaled / (scaled**2 + sd2) ** 0.5).astype(np.float32)
 
     def step(self, model_output, i, x, noise=None):
         cfg = self.config

@@ -134,3 +134,18 @@ def sigma_to_t(sigmas: np.ndarray, log_sigma_table: np.ndarray) -> np.ndarray:
     low, high = log_sigma_table[low_idx], log_sigma_table[high_idx]
     w = np.clip((low - log_sigma) / (low - high), 0, 1)
     return (1 - w) * low_idx + w * high_idx
+
+
+def distillation_timesteps(cfg: CommonConfig, origin_steps: int, num_steps: int, strength: float, name: str) -> np.ndarray:
+    """(num_steps,) int64 descending: the timesteps of consistency samplers (LCM, TCD), evenly spaced indices into
+    the distillation schedule of `origin_steps` steps, which img2img's strength shortens (diffusers' arithmetic)."""
+    if not 0 < strength <= 1:
+        raise SdrtError(f"--strength {strength:g} is out of range: accepted values are 0 < strength <= 1")
+    if not 1 <= origin_steps <= cfg.num_train_timesteps:
+        raise SdrtError(f"scheduler config key 'original_inference_steps' = {origin_steps} must be 1 .. {cfg.num_train_timesteps}")
+    origin = np.arange(1, int(origin_steps * strength) + 1) * (cfg.num_train_timesteps // origin_steps) - 1  # ascending
+    if not 1 <= num_steps <= min(origin_steps, len(origin)):
+        raise SdrtError(f"--steps {num_steps} is out of range for the {name} scheduler: accepted values are 1 .. {len(origin)} "
+                        f"(the distillation schedule's {origin_steps} steps" + (f" times --strength {strength:g})" if strength < 1 else ")"))
+    indices = np.floor(np.linspace(0, len(origin), num=num_steps, endpoint=False)).astype(np.int64)
+    return origin[::-1][indices]
