@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SourceOptions:
-    config: Path | None = None  # --config: a diffusers config folder for a single-file checkpoint
+    config: Path | None = None  # --config: a diffusers config folder or the original inference .yaml of a single-file checkpoint
     prediction_type: str | None = None  # --prediction-type
+    ema: bool = False  # --ema: a checkpoint's EMA U-Net weights instead of its training weights
     loras: tuple[tuple[Path, float], ...] = field(default_factory=tuple)  # --lora FILE[:WEIGHT]
     embeddings: tuple[tuple[Path, str], ...] = field(default_factory=tuple)  # --embedding FILE[:TOKEN]
     vae: Path | None = None  # --vae FILE|DIR
@@ -30,9 +31,10 @@ class SourceOptions:
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in single_file.PREDICTION_TYPES:
             raise SdrtError(f"--prediction-type {self.prediction_type!r}: accepted values are {', '.join(single_file.PREDICTION_TYPES)}")
-        if self.config is not None and not (self.config / "model_index.json").is_file():
-            raise SdrtError(f"--config {self.config}: not a diffusers config folder (no model_index.json); give the folder of the "
-                            "model's diffusers configs (weights not needed)")
+        if self.config is not None and not (self.config / "model_index.json").is_file() and not (
+                self.config.is_file() and self.config.suffix in (".yaml", ".yml")):
+            raise SdrtError(f"--config {self.config}: neither a diffusers config folder (with model_index.json; weights not needed) nor "
+                            "an original inference config (.yaml, e.g. v1-inference.yaml)")
         for option, files in (("--lora", self.loras), ("--embedding", self.embeddings)):
             for path, _ in files:
                 if not path.is_file():
@@ -66,7 +68,7 @@ def parse_embedding(value: str) -> tuple[Path, str]:
 
 def needs_preparing(model: Path, opts: SourceOptions) -> bool:
     return (model.is_file() or bool(opts.loras) or bool(opts.embeddings) or opts.vae is not None or opts.config is not None
-            or opts.prediction_type is not None)
+            or opts.prediction_type is not None or opts.ema)
 
 
 def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, dict]:
@@ -81,11 +83,11 @@ def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, d
         warnings.simplefilter("ignore")
         if model.is_file():
             pipe, record["checkpoint"] = _load_checkpoint(model, work, opts)
-            tokenizer = opts.config / "tokenizer" if opts.config else work / "config" / "tokenizer"
+            tokenizer = opts.config / "tokenizer" if opts.config and opts.config.is_dir() else work / "config" / "tokenizer"
         elif model.is_dir():
-            if opts.config is not None or opts.prediction_type is not None:
-                raise SdrtError("--config and --prediction-type apply to single-file checkpoints; this is a diffusers folder, whose own "
-                                "configs say it")
+            if opts.config is not None or opts.prediction_type is not None or opts.ema:
+                raise SdrtError("--config, --prediction-type and --ema apply to single-file checkpoints; this is a diffusers folder, "
+                                "whose own configs and weights say it")
             pipe = _load_folder(model)
             tokenizer = model / "tokenizer"
         else:
@@ -126,13 +128,17 @@ def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
     from sdrt.model_info import read_json
 
     ckpt = single_file.read_checkpoint(path)
-    if opts.config is not None:
+    if opts.config is not None and opts.config.is_dir():
         config, how = opts.config, "--config"
         arch = None
     else:
-        arch = single_file.detect(ckpt)
+        arch = single_file.architecture_from_yaml(opts.config, ckpt) if opts.config else single_file.detect(ckpt)
         single_file.check_tensors(ckpt, arch)
-        how = "detected"
+        how = "--config" if opts.config else "detected"
+    has_ema = sum(k.startswith("model_ema.") for k in ckpt.tensors) > 100  # diffusers' own test
+    if opts.ema and not has_ema:
+        raise SdrtError(f"--ema: {path} holds no separate EMA weights (no model_ema.* tensors); build it without --ema")
+    weights = "EMA" if opts.ema else "training (the file also holds EMA weights: --ema uses them)" if has_ema else "the file's only"
     marker = single_file.prediction_type_marker(ckpt)
     prediction, decided = ((opts.prediction_type, "--prediction-type") if opts.prediction_type else
                            (marker, "the file says so") if marker else (None, None))
@@ -143,7 +149,7 @@ def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
     del ckpt  # diffusers reads the file again, tensor by tensor
     pipeline = getattr(diffusers, str(read_json(config / "model_index.json").get("_class_name")), diffusers.StableDiffusionPipeline)
     try:
-        pipe = pipeline.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32)
+        pipe = pipeline.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32, extract_ema=opts.ema)
     except (ValueError, KeyError, RuntimeError, NotImplementedError, OSError) as exc:
         raise SdrtError(f"{path}: diffusers could not load it with {'the --config folder' if arch is None else arch.published + ' configs'}: "
                         f"{first_line(exc)}") from None
@@ -161,11 +167,12 @@ def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
             pipe.vae.register_to_config(sample_size=arch.vae["sample_size"])
     if prediction is not None:
         pipe.scheduler = type(pipe.scheduler).from_config({**pipe.scheduler.config, "prediction_type": prediction})
-    if arch is not None and arch.name == "sd2-depth":
+    if arch is not None and arch.pipeline == "StableDiffusionDepth2ImgPipeline":
         pipe = diffusers.StableDiffusionDepth2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                                                           scheduler=pipe.scheduler, depth_estimator=None, feature_extractor=None)
     record = {"read_as": arch.name if arch else "--config", "configs": arch.published if arch else str(opts.config.resolve()), "how": how,
-              "prediction_type": pipe.scheduler.config.prediction_type, "prediction_type_from": decided or "the configs"}
+              "prediction_type": pipe.scheduler.config.prediction_type, "prediction_type_from": decided or "the configs",
+              "unet_weights": weights}
     log.info("read %s as %s; prediction type %s (%s)", path.name, record["configs"], record["prediction_type"], record["prediction_type_from"])
     return pipe, record
 

@@ -163,6 +163,43 @@ def detect(ckpt: Checkpoint) -> Architecture:
     return ARCHITECTURES[name]
 
 
+def architecture_from_yaml(path: Path, ckpt: Checkpoint) -> Architecture:
+    """--config original.yaml (the Stability / CompVis inference config of the checkpoint): the U-Net and VAE configs
+    by diffusers' own readers of that format; the text encoder by the family the yaml names (CLIP ViT-L/14 for SD 1,
+    OpenCLIP ViT-H/14 for SD 2), its prediction type from `parameterization`, its betas from linear_start/end."""
+    import yaml
+    from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm, create_vae_diffusers_config_from_ldm
+
+    try:
+        original = yaml.safe_load(path.read_text(encoding="utf-8"))
+        params = original["model"]["params"]
+        unet = {"_class_name": "UNet2DConditionModel", **create_unet_diffusers_config_from_ldm(original, ckpt.tensors)}
+        vae = {"_class_name": "AutoencoderKL", **create_vae_diffusers_config_from_ldm(original, ckpt.tensors)}
+        encoder = str(params["cond_stage_config"]["target"])
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, IndexError, ValueError) as exc:
+        raise SdrtError(f"--config {path}: not a Stable Diffusion inference config (model.params with unet_config, first_stage_config "
+                        f"and cond_stage_config): {first_line(exc)}") from None
+    open_clip = "OpenCLIP" in encoder
+    if not open_clip and "FrozenCLIPEmbedder" not in encoder:
+        raise SdrtError(f"--config {path}: text encoder {encoder!r} is not supported: accepted are FrozenCLIPEmbedder (SD 1) and "
+                        "FrozenOpenCLIPEmbedder (SD 2)")
+    betas = {"beta_start": params.get("linear_start", 0.00085), "beta_end": params.get("linear_end", 0.012)}
+    scheduler = {**(DDIM if open_clip else PNDM), **betas,
+                 "prediction_type": "v_prediction" if params.get("parameterization") == "v" else "epsilon"}
+    channels = unet["in_channels"]
+    pipeline = {9: "StableDiffusionInpaintPipeline", 5: "StableDiffusionDepth2ImgPipeline"}.get(channels, "StableDiffusionPipeline")
+    extra = None
+    if unet.get("num_class_embeds"):
+        low = params.get("low_scale_config", {}).get("params", {})
+        schedule = low.get("noise_schedule_config", {})
+        pipeline, extra = "StableDiffusionUpscalePipeline", {
+            "max_noise_level": low.get("max_noise_level", 350),
+            "low_res_scheduler": {"_class_name": "DDPMScheduler", **SD_BETAS, "beta_start": schedule.get("linear_start", 0.0001),
+                                  "beta_end": schedule.get("linear_end", 0.02)}}
+    return Architecture(path.name, str(path.resolve()), pipeline, unet, vae, OPEN_CLIP_H if open_clip else CLIP_L, scheduler,
+                        "!" if open_clip else "<|endoftext|>", extra)
+
+
 def prediction_type_marker(ckpt: Checkpoint) -> str | None:
     """What the file says about its prediction type, if anything."""
     if "v_pred" in ckpt.tensors:

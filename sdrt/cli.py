@@ -72,7 +72,7 @@ def _build(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise SdrtError(f"`sdrt build` needs the export extra (torch, diffusers, transformers, onnx): {exc.name} is not installed; "
                         "run `pip install torch==2.13.0` then `pip install 'sdrt[export]'`") from None
-    source = SourceOptions(config=Path(args.config) if args.config else None, prediction_type=args.prediction_type,
+    source = SourceOptions(config=Path(args.config) if args.config else None, prediction_type=args.prediction_type, ema=args.ema,
                            loras=tuple(parse_lora(v) for v in args.lora), embeddings=tuple(parse_embedding(v) for v in args.embedding),
                            vae=Path(args.vae) if args.vae else None)
     manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite, cache=BuildCache(None, enabled=not args.no_cache),
@@ -193,7 +193,8 @@ def _info(args: argparse.Namespace) -> None:
     prepared = manifest.get("prepared") or {}
     if prepared.get("checkpoint"):
         c = prepared["checkpoint"]
-        print(f"             a single file read as {c['read_as']} ({c['configs']}), {c['prediction_type']} prediction from {c['prediction_type_from']}")
+        print(f"             a single file read as {c['read_as']} ({c['configs']}), {c['prediction_type']} prediction from {c['prediction_type_from']}, "
+              f"U-Net weights: {c['unet_weights']}")
     for lora in prepared.get("loras", []):
         print(f"             LoRA {lora['name']} merged at weight {lora['weight']:g}")
     if prepared.get("vae"):
@@ -254,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
                    "SD 1.x/2.x checkpoint file (.safetensors, .ckpt) in the original layout, its architecture detected")
     b.add_argument("--config", metavar="DIR", help="checkpoint file: the diffusers config folder of its architecture, instead of detecting it")
     b.add_argument("--prediction-type", choices=("epsilon", "v_prediction"), help="checkpoint file: what its U-Net predicts, instead of detecting it")
+    b.add_argument("--ema", action="store_true", help="checkpoint file holding both: its EMA U-Net weights instead of its training "
+                   "weights (the default, as diffusers reads such files)")
     b.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge this LoRA (kohya/WebUI or diffusers/PEFT format) into the weights at WEIGHT (default 1.0); repeatable")
     b.add_argument("--vae", metavar="FILE|DIR", help="replace the model's VAE: a single file (original or diffusers layout) or a "

@@ -30,9 +30,16 @@ def _pipeline(model: Path):
     return cls.from_pretrained(model, safety_checker=None) if cls is diffusers.StableDiffusionPipeline else cls.from_pretrained(model)
 
 
-def write_checkpoint(model: Path, path: Path, sd2: bool = False) -> Path:
-    """The model's weights in the original layout, as .safetensors or as a .ckpt the way training scripts save it."""
+def write_checkpoint(model: Path, path: Path, sd2: bool = False, fp16: bool = False, ema: bool = False) -> Path:
+    """The model's weights in the original layout, as .safetensors or as a .ckpt the way training scripts save it;
+    `fp16`: stored in half precision; `ema`: with EMA U-Net weights beside them (model_ema.*, LDM's flattened names)."""
     tensors = original_state_dict(_pipeline(model), sd2=sd2)
+    if ema:
+        g = torch.Generator().manual_seed(9)
+        tensors.update({"model_ema." + "".join(k.split(".")[1:]): v + 0.05 * torch.randn(v.shape, generator=g)
+                        for k, v in tensors.items() if k.startswith("model.diffusion_model.")})
+    if fp16:
+        tensors = {k: v.half() for k, v in tensors.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
@@ -62,16 +69,20 @@ def test_original_layout_round_trips_through_diffusers(kind, tiny_models, tiny_i
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,suffix,scheduler,guidance", [("sd1", ".safetensors", "dpmpp_2m", 7.5), ("sd2", ".ckpt", "euler", 1.0)])
-def test_checkpoint_build_matches_diffusers_loading_the_same_file(kind, suffix, scheduler, guidance, tiny_models, tmp_path, capsys):
+@pytest.mark.parametrize("kind,suffix,scheduler,guidance,half_ema", [
+    ("sd1", ".safetensors", "dpmpp_2m", 7.5, False), ("sd2", ".ckpt", "euler", 1.0, False),
+    ("sd1", ".safetensors", "pndm", 7.5, True),  # fp16, EMA weights beside the training weights, built with --ema
+])
+def test_checkpoint_build_matches_diffusers_loading_the_same_file(kind, suffix, scheduler, guidance, half_ema, tiny_models, tmp_path, capsys):
     from sdrt.schedulers import DIFFUSERS_CLASS_OF
 
     model = tiny_models[kind]
-    path = write_checkpoint(model, tmp_path / f"model{suffix}", sd2=kind == "sd2")
+    path = write_checkpoint(model, tmp_path / f"model{suffix}", sd2=kind == "sd2", fp16=half_ema, ema=half_ema)
     config = config_folder(model, tmp_path / "config")
-    result = in_process(capsys, "build", path, "--config", config, "--out", tmp_path / "E", "--quiet")
+    result = in_process(capsys, "build", path, "--config", config, "--out", tmp_path / "E", "--quiet", *(["--ema"] if half_ema else []))
     assert result.returncode == 0, result.stderr
-    ref = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True)
+    ref = diffusers.StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True, extract_ema=half_ema,
+                                                             torch_dtype=torch.float32)
     ref.scheduler = getattr(diffusers, DIFFUSERS_CLASS_OF[scheduler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
     expected = (ref("a lighthouse at dusk", num_inference_steps=12, guidance_scale=guidance, generator=torch.Generator().manual_seed(3),
@@ -81,6 +92,7 @@ def test_checkpoint_build_matches_diffusers_loading_the_same_file(kind, suffix, 
     assert psnr(got, expected) >= MIN_PSNR
     info = in_process(capsys, "info", tmp_path / "E").stdout
     assert f"model:       {path.resolve()}" in info and "a single file read as --config" in info
+    assert ("U-Net weights: EMA" if half_ema else "U-Net weights: the file's only") in info
 
 
 def _meta_checkpoint(arch, drop: str | None = None, reshape: str | None = None) -> single_file.Checkpoint:
@@ -183,11 +195,75 @@ def test_bad_checkpoint_files_get_one_line_and_no_engine_folder(tiny_models, tmp
         (tmp_path / "other.safetensors", (), "no Stable Diffusion U-Net in it"),
         (tmp_path / "notes.txt", (), "not a checkpoint file"),
         (good, (), "read as sd1 (stable-diffusion-v1-5/stable-diffusion-v1-5), but"),  # a tiny model's shapes are no published architecture
-        (good, ("--config", tmp_path), "not a diffusers config folder"),
+        (good, ("--config", tmp_path), "neither a diffusers config folder"),
         (tiny_models["sd1"], ("--prediction-type", "epsilon"), "apply to single-file checkpoints"),
+        (good, ("--config", tiny_models["sd1"], "--ema"), "holds no separate EMA weights"),
     ]
     for path, extra, fragment in cases:
         result = in_process(capsys, "build", path, *extra, "--out", tmp_path / "E", "--quiet")
         assert_clean_error(result, fragment)
         assert not (tmp_path / "E").exists() and not list(tmp_path.glob(".E.*"))
     assert not marker.exists()
+
+
+# the Stability / CompVis inference configs (v1-inference.yaml, v2-inference-v.yaml), as far as sdrt reads them
+V1_YAML = """
+model:
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    scale_factor: 0.18215
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [ 4, 2, 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2, 4, 4 ]
+        num_heads: 8
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 768
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [ 1, 2, 4, 4 ]
+          num_res_blocks: 2
+          attn_resolutions: []
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+V2_V_YAML = (V1_YAML.replace("    linear_start", "    parameterization: \"v\"\n    linear_start")
+             .replace("num_heads: 8", "num_head_channels: 64\n        use_linear_in_transformer: True")
+             .replace("context_dim: 768", "context_dim: 1024")
+             .replace("FrozenCLIPEmbedder", "FrozenOpenCLIPEmbedder\n      params:\n        freeze: True\n        layer: \"penultimate\""))
+
+
+@pytest.mark.parametrize("text,carried,prediction", [(V1_YAML, "sd1", "epsilon"), (V2_V_YAML, "sd2-v", "v_prediction")])
+def test_an_original_yaml_config_gives_the_published_architecture(text, carried, prediction, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    path = tmp_path / "inference.yaml"
+    path.write_text(text)
+    ckpt = _meta_checkpoint(single_file.ARCHITECTURES[carried])
+    arch = single_file.architecture_from_yaml(path, ckpt)
+    single_file.check_tensors(ckpt, arch)
+    assert arch.scheduler["prediction_type"] == prediction and arch.text_encoder == single_file.ARCHITECTURES[carried].text_encoder
+    with torch.device("meta"):
+        ours, published = (UNet2DConditionModel.from_config(c) for c in (arch.unet, single_file.ARCHITECTURES[carried].unet))
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in published.parameters())
+    (tmp_path / "bad.yaml").write_text("model: {params: {}}")
+    with pytest.raises(single_file.SdrtError, match="not a Stable Diffusion inference config"):
+        single_file.architecture_from_yaml(tmp_path / "bad.yaml", ckpt)
