@@ -121,23 +121,29 @@ def _load_folder(model: Path):
     return cls.from_pretrained(model, torch_dtype=torch.float32)
 
 
-def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
-    import diffusers
-    import torch
+@dataclass
+class CheckpointPlan:
+    """How a checkpoint file will be read, decided from its tensor names and shapes alone."""
 
-    from sdrt.model_info import read_json
+    config: Path  # the diffusers config folder diffusers' loader gets
+    arch: single_file.Architecture | None  # None: the user's --config folder
+    how: str  # "detected" or "--config"
+    prediction: str | None  # None: the configs' own, or (SD 2 text-to-image) the probe's once the U-Net is loaded
+    decided: str | None  # what set the prediction type
+    weights: str  # which U-Net weights
 
-    ckpt = single_file.read_checkpoint(path)
+
+def plan_checkpoint(ckpt: single_file.Checkpoint, work: Path, opts: SourceOptions) -> CheckpointPlan:
+    """Detect (or read --config), check every tensor's presence and shape, write the config folder."""
     if opts.config is not None and opts.config.is_dir():
-        config, how = opts.config, "--config"
-        arch = None
+        config, arch, how = opts.config, None, "--config"
     else:
         arch = single_file.architecture_from_yaml(opts.config, ckpt) if opts.config else single_file.detect(ckpt)
         single_file.check_tensors(ckpt, arch)
         how = "--config" if opts.config else "detected"
     has_ema = sum(k.startswith("model_ema.") for k in ckpt.tensors) > 100  # diffusers' own test
     if opts.ema and not has_ema:
-        raise SdrtError(f"--ema: {path} holds no separate EMA weights (no model_ema.* tensors); build it without --ema")
+        raise SdrtError(f"--ema: {ckpt.path} holds no separate EMA weights (no model_ema.* tensors); build it without --ema")
     weights = "EMA" if opts.ema else "training (the file also holds EMA weights: --ema uses them)" if has_ema else "the file's only"
     marker = single_file.prediction_type_marker(ckpt)
     prediction, decided = ((opts.prediction_type, "--prediction-type") if opts.prediction_type else
@@ -145,11 +151,22 @@ def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
     if arch is not None:
         if prediction == "v_prediction" and arch.name == "sd2":
             arch = single_file.ARCHITECTURES["sd2-v"]
-        config = single_file.write_config_folder(arch, work / "config", prediction or arch.scheduler["prediction_type"])
-    del ckpt  # diffusers reads the file again, tensor by tensor
-    pipeline = getattr(diffusers, str(read_json(config / "model_index.json").get("_class_name")), diffusers.StableDiffusionPipeline)
-    try:
-        pipe = pipeline.from_single_file(str(path), config=str(config), local_files_only=True, torch_dtype=torch.float32, extract_ema=opts.ema)
+        config = single_file.write_config_folder(arch, work / "config", prediction or arch.scheduler.get("prediction_type", "epsilon"))
+    return CheckpointPlan(config, arch, how, prediction, decided, weights)
+
+
+def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
+    import diffusers
+    import torch
+
+    from sdrt.model_info import read_json
+
+    plan = plan_checkpoint(single_file.read_checkpoint(path), work, opts)
+    arch, prediction, decided = plan.arch, plan.prediction, plan.decided
+    pipeline = getattr(diffusers, str(read_json(plan.config / "model_index.json").get("_class_name")), diffusers.StableDiffusionPipeline)
+    try:  # diffusers reads the file again, tensor by tensor
+        pipe = pipeline.from_single_file(str(path), config=str(plan.config), local_files_only=True, torch_dtype=torch.float32,
+                                         extract_ema=opts.ema)
     except (ValueError, KeyError, RuntimeError, NotImplementedError, OSError) as exc:
         raise SdrtError(f"{path}: diffusers could not load it with {'the --config folder' if arch is None else arch.published + ' configs'}: "
                         f"{first_line(exc)}") from None
@@ -170,9 +187,9 @@ def _load_checkpoint(path: Path, work: Path, opts: SourceOptions):
     if arch is not None and arch.pipeline == "StableDiffusionDepth2ImgPipeline":
         pipe = diffusers.StableDiffusionDepth2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
                                                           scheduler=pipe.scheduler, depth_estimator=None, feature_extractor=None)
-    record = {"read_as": arch.name if arch else "--config", "configs": arch.published if arch else str(opts.config.resolve()), "how": how,
+    record = {"read_as": arch.name if arch else "--config", "configs": arch.published if arch else str(opts.config.resolve()), "how": plan.how,
               "prediction_type": pipe.scheduler.config.prediction_type, "prediction_type_from": decided or "the configs",
-              "unet_weights": weights}
+              "unet_weights": plan.weights}
     log.info("read %s as %s; prediction type %s (%s)", path.name, record["configs"], record["prediction_type"], record["prediction_type_from"])
     return pipe, record
 

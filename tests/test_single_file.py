@@ -267,3 +267,26 @@ def test_an_original_yaml_config_gives_the_published_architecture(text, carried,
     (tmp_path / "bad.yaml").write_text("model: {params: {}}")
     with pytest.raises(single_file.SdrtError, match="not a Stable Diffusion inference config"):
         single_file.architecture_from_yaml(tmp_path / "bad.yaml", ckpt)
+
+
+@pytest.mark.parametrize("name", list(single_file.ARCHITECTURES))
+def test_detected_checkpoints_get_a_config_folder_that_sdrt_and_diffusers_read(name, tmp_path):
+    """What a detected full-size checkpoint is built from, short of loading its weights: the carried configs as
+    a folder that diffusers' loader and sdrt's model reader both accept, with the prediction type decided."""
+    from sdrt.exporters.model_source import SourceOptions, plan_checkpoint
+    from sdrt.model_info import read_model_info
+
+    arch = single_file.ARCHITECTURES[name]
+    ckpt = _meta_checkpoint(arch)
+    if name == "sd2-v":
+        ckpt.tensors["v_pred"] = torch.empty((), device="meta")  # the marker some v-prediction files carry
+    plan = plan_checkpoint(ckpt, tmp_path, SourceOptions())
+    assert plan.arch.name == name and plan.how == "detected" and plan.weights == "the file's only"
+    assert plan.prediction == ("v_prediction" if name == "sd2-v" else None)  # sd2 without a marker: the probe decides later
+    info = read_model_info(plan.config)
+    assert info.prediction_type == arch.scheduler.get("prediction_type", "epsilon")
+    assert info.latent_channels == arch.unet["in_channels"] and info.cross_attention_dim == arch.unet["cross_attention_dim"]
+    pipeline = "StableDiffusionPipeline" if name == "sd2-depth" else arch.pipeline  # diffusers loads depth files as text-to-image
+    assert getattr(diffusers, pipeline).load_config(str(plan.config))["_class_name"] == pipeline
+    forced = plan_checkpoint(_meta_checkpoint(single_file.ARCHITECTURES["sd2"]), tmp_path / "forced", SourceOptions(prediction_type="v_prediction"))
+    assert forced.arch.name == "sd2-v" and forced.decided == "--prediction-type"
