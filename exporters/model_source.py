@@ -1,6 +1,7 @@
 """What `sdrt build` reads, made into a diffusers model folder: a single-file checkpoint converted
-(`single_file.py`), LoRAs merged into the weights. A plain diffusers folder with nothing to merge is
-used as it is. The record returned goes into the manifest: what was detected, what was merged."""
+(`single_file.py`); LoRAs merged into the weights, textual-inversion embeddings added, the VAE
+replaced, each by diffusers' own loaders. A plain diffusers folder with nothing to change is used as
+it is. The record returned goes into the manifest: what was detected, what was merged."""
 
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, d
     """-> (a diffusers model folder inside `work`, the record of how it was made)."""
     import torch
 
-    from .build import _quiet_model_libraries
+    from .build import MODEL_EXTRAS, _quiet_model_libraries
 
     _quiet_model_libraries()
     record: dict = {"source": str(model.resolve())}
@@ -101,6 +102,8 @@ def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, d
             record["vae"] = {"file": str(opts.vae.resolve()), "name": opts.vae.name}
         out = work / "model"
         pipe.save_pretrained(out, safe_serialization=True)
+    if model.is_dir() and (model / MODEL_EXTRAS).is_file():  # the folder's recommended settings and prompts stay with it
+        shutil.copyfile(model / MODEL_EXTRAS, out / MODEL_EXTRAS)
     for name in TOKENIZER_FILES:  # the plain files sdrt's tokenizer reads (transformers 5 saves only tokenizer.json)
         if (tokenizer / name).is_file():
             shutil.copyfile(tokenizer / name, out / "tokenizer" / name)
@@ -112,13 +115,18 @@ def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, d
 
 
 def _load_folder(model: Path):
+    import pickle
+
     import diffusers
     import torch
 
-    from sdrt.model_info import read_json
+    from sdrt.model_info import read_model_info
 
-    cls = getattr(diffusers, str(read_json(model / "model_index.json").get("_class_name")), diffusers.StableDiffusionPipeline)
-    return cls.from_pretrained(model, torch_dtype=torch.float32)
+    info = read_model_info(model)  # sdrt's checks of the folder first: their errors name the file and the key
+    try:
+        return getattr(diffusers, info.pipeline).from_pretrained(model, torch_dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
+        raise SdrtError(f"{model}: the weights could not be loaded: {first_line(exc)}") from None
 
 
 @dataclass
@@ -204,9 +212,9 @@ def _merge_loras(pipe, loras: tuple[tuple[Path, float], ...]) -> list[dict]:
                 pipe.load_lora_weights(str(path), adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            reason = next((line for line in lines if line.startswith("size mismatch")), first_line(exc))
-            raise SdrtError(f"--lora {path}: diffusers could not merge it into this model ({reason}); it was made for another "
-                            "architecture") from None
+            mismatch = next((line for line in lines if line.startswith("size mismatch")), None)
+            raise SdrtError(f"--lora {path}: diffusers could not merge it into this model ({mismatch or first_line(exc)})"
+                            + ("; it was made for another architecture" if mismatch else "")) from None
         if unused:
             raise SdrtError(f"--lora {path}: {len(unused)} of its tensors fit no layer of this model (e.g. {unused[0]}); it was made for "
                             "another architecture")

@@ -118,6 +118,27 @@ def _generate(args: argparse.Namespace) -> None:
         pipe.close()
 
 
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from .serve.app import ServeConfig, create_app
+    except ImportError as exc:
+        raise SdrtError(f"`sdrt serve` needs the serve extra (FastAPI, uvicorn, prometheus-client): {exc.name} is not installed; "
+                        "run `pip install 'sdrt[serve]'`") from None
+    from .pipeline import StableDiffusion
+
+    if args.max_queue < 0 or not 1 <= args.port <= 65535:
+        raise SdrtError("--max-queue must be >= 0 and --port 1 .. 65535")
+    cfg = ServeConfig(api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None, max_queue=args.max_queue, max_images=args.max_images,
+                      max_steps=args.max_steps, max_pixels=args.max_pixels, timeout_s=args.timeout)
+    pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads),
+                                              verify=args.verify)
+    app = create_app(pipe, cfg)
+    print(f"serving {args.engines} on http://{args.host}:{args.port}/ (WebUI API /sdapi/v1, OpenAI API /v1)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+
+
 def _grid(args: argparse.Namespace) -> None:
     from .grid import labelled_grid
     from .image_io import check_writable, save_png
@@ -326,6 +347,22 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", default="changed", help="always: hash every engine file loaded; changed (default): only files "
                    "changed since this user last verified them; never: trust the folder")
     g.set_defaults(func=_generate)
+
+    v = sub.add_parser("serve", parents=[verbose], help="serve an engine folder over HTTP: the WebUI's API and OpenAI's Images API")
+    v.add_argument("engines", help="engine folder made by `sdrt build`")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int, default=7860, help="default 7860, the WebUI's")
+    v.add_argument("--api-key", default=None, help="required by every route but /health (Bearer, or HTTP Basic password); "
+                   "default: $SDRT_API_KEY, else none")
+    v.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the running one; more get 429 (default 16)")
+    v.add_argument("--max-images", type=int, default=4, help="images per request (default 4)")
+    v.add_argument("--max-steps", type=int, default=150, help="steps per request (default 150)")
+    v.add_argument("--max-pixels", type=int, default=1024 * 1024, help="width x height per image (default 1048576)")
+    v.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop a generation running longer (504; default none)")
+    v.add_argument("--device", default=None, help="default: the device the engines were built for")
+    v.add_argument("--threads", type=int, default=0, help="inference threads (0: all cores)")
+    v.add_argument("--verify", default="changed", help="always, changed (default) or never: as for generate")
+    v.set_defaults(func=_serve)
 
     r = sub.add_parser("grid", parents=[verbose], help="one picture: a row per prompt, a column per seed (0, 1, ...)")
     r.add_argument("engines")

@@ -4,6 +4,7 @@ them, and turned into model inputs as diffusers' `VaeImageProcessor` does (Lancz
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -31,13 +32,22 @@ def load_image(path: Path, option: str) -> Image.Image:
     `load_image` does), 16-bit and float greyscale scaled to 8 bits. One clear error for anything else."""
     if not path.is_file():
         raise SdrtError(f"{option} {path} does not exist" if not path.exists() else f"{option} {path} is not a file")
+    return _open(path, f"{option} {path}")
+
+
+def load_image_bytes(data: bytes, field: str) -> Image.Image:
+    """`load_image` for an image sent in a request (`field` names it in errors)."""
+    return _open(io.BytesIO(data), field)
+
+
+def _open(source, what: str) -> Image.Image:
     limit = max_pixels()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's notes on palette transparency and large images
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 if image.width * image.height > limit:
-                    raise SdrtError(f"{option} {path} is {image.width}x{image.height} ({image.width * image.height / 1e6:.0f} megapixels); "
+                    raise SdrtError(f"{what} is {image.width}x{image.height} ({image.width * image.height / 1e6:.0f} megapixels); "
                                     f"images above {limit / 1e6:.0f} megapixels are refused: scale it down, or set {MAX_PIXELS_ENV}")
                 image.load()
                 image = ImageOps.exif_transpose(image)
@@ -45,10 +55,10 @@ def load_image(path: Path, option: str) -> Image.Image:
                     image = _to_8bit(image)
                 return image.convert("RGB")
     except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise SdrtError(f"{option} {path} is not an image Pillow can read ({exc.__class__.__name__}); "
+        raise SdrtError(f"{what} is not an image Pillow can read ({exc.__class__.__name__}); "
                         "accepted: PNG, JPEG, WebP, BMP, TIFF, GIF") from None
     except OSError as exc:
-        raise SdrtError(f"{option} {path} could not be read: {exc.strerror or exc}") from None
+        raise SdrtError(f"{what} could not be read: {exc.strerror or exc}") from None
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -4,6 +4,7 @@ concurrent runs."""
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 from pathlib import Path
@@ -64,13 +65,25 @@ def webui_parameters(meta: dict[str, Any]) -> str:
     return "\n".join(lines + [", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None)])
 
 
-def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any], overwrite: bool = False) -> None:
-    """image: (H, W, 3) uint8. Written to a temporary file in the same folder (locked while this process
-    lives), then moved to `path` in one step that, without `overwrite`, fails if `path` exists by then."""
+def _png_info(metadata: dict[str, Any]) -> PngInfo:
     info = PngInfo()
     info.add_itxt(METADATA_KEY, json.dumps(metadata, ensure_ascii=False))
     if "prompt" in metadata:
         info.add_itxt(WEBUI_KEY, webui_parameters(metadata))
+    return info
+
+
+def png_bytes(image: np.ndarray, metadata: dict[str, Any]) -> bytes:
+    """image: (H, W, 3) uint8 -> the PNG `save_png` writes, in memory (what the server sends)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buffer, format="PNG", pnginfo=_png_info(metadata))
+    return buffer.getvalue()
+
+
+def save_png(image: np.ndarray, path: Path, metadata: dict[str, Any], overwrite: bool = False) -> None:
+    """image: (H, W, 3) uint8. Written to a temporary file in the same folder (locked while this process
+    lives), then moved to `path` in one step that, without `overwrite`, fails if `path` exists by then."""
+    info = _png_info(metadata)
     folder = path.parent if str(path.parent) else Path(".")
     prefix, tmp, fd = f".{path.name}.", None, None
     try:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -244,8 +244,9 @@ class StableDiffusion:
         hidden = encoder.run({"input_ids": ids})["last_hidden_state"]  # (P k, S, D)
         return hidden.reshape(len(prompts), k * hidden.shape[1], hidden.shape[2])
 
-    def generate(self, req: GenerateRequest, progress: bool = True) -> list[np.ndarray]:
-        """-> num_images arrays (H, W, 3) uint8."""
+    def generate(self, req: GenerateRequest, progress: bool = True, on_step: Callable[[int, int], bool] | None = None) -> list[np.ndarray]:
+        """-> num_images arrays (H, W, 3) uint8. on_step(steps done, steps to run) after every step; returning False
+        stops the loop there and the latents reached are decoded (an interrupt)."""
         s = self.settings(req)
         scheduler = make_scheduler(s.scheduler, self.scheduler_config, karras_sigmas=s.karras)
         scheduler.set_timesteps(s.steps, 1.0 if s.strength is None else s.strength)
@@ -276,13 +277,14 @@ class StableDiffusion:
             overlap = s.tile // 4
             unet = TiledEngine(unet, "sample", "out_sample", s.tile, overlap)
             decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, overlap, scale=f)
-        latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress)
+        latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress, on_step)
         images = self._decode(latents, decoder)
         return [embed_watermark(image, req.watermark) for image in images] if req.watermark is not None else images
 
-    def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool) -> np.ndarray:
-        """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index.
-        context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents (n, C, h, w) float32."""
+    def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool,
+                 on_step: Callable[[int, int], bool] | None = None) -> np.ndarray:
+        """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index,
+        progress and cancellation. context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents (n, C, h, w) float32."""
         latents, extra, feeds = start.latents, start.unet_extra, dict(start.unet_feeds)
         n = latents.shape[0]
         guided = context.shape[0] == 2 * n
@@ -305,6 +307,8 @@ class StableDiffusion:
             latents = scheduler.step(out, i, latents, step_noise)
             if start.after_step is not None:
                 latents = start.after_step(latents, i)
+            if on_step is not None and on_step(i - scheduler.begin + 1, len(steps)) is False:
+                break
         if not np.isfinite(latents).all():
             raise SdrtError("the denoising loop produced NaN or infinite latents; the engines are numerically broken for this model and precision")
         return latents

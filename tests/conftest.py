@@ -63,6 +63,16 @@ def _built(tmp_path_factory, models: dict[str, Path]) -> dict[str, Path]:
     return {kind: _shared(tmp_path_factory, f"engines-{kind}", lambda folder, model=model: _engines(model, folder)) for kind, model in models.items()}
 
 
+SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "sdrt-shapes"
+
+
+@pytest.fixture(scope="session")
+def shapes_engines(tmp_path_factory) -> Path:
+    """onnxruntime fp32 engines of the shipped default model (models/sdrt-shapes)."""
+    pytest.importorskip("diffusers")
+    return _shared(tmp_path_factory, "engines-sdrt-shapes", lambda folder: _engines(SHAPES_MODEL, folder))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return _models(tmp_path_factory, ("sd1", "sd2"))

@@ -11,8 +11,6 @@ import pytest
 pytest.importorskip("torch")
 
 from sdrt.benchmarks.shapes_accuracy import prompt_set, score  # noqa: E402
-from sdrt.engines.base import BuildConfig  # noqa: E402
-from sdrt.exporters.build import build_engines  # noqa: E402
 from sdrt.image_io import read_metadata  # noqa: E402
 from sdrt.pipeline import StableDiffusion  # noqa: E402
 
@@ -24,10 +22,8 @@ MIN_BACKGROUND = 90.0
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default") / "engines"
-    build_engines(MODEL, out, BuildConfig())
-    return out
+def engines(shapes_engines):
+    return shapes_engines
 
 
 def test_model_is_small_and_fp16():

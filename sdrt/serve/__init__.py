@@ -1,0 +1,1 @@
+"""`sdrt serve`: HTTP APIs over one engine folder (the `[serve]` extra: FastAPI, uvicorn, prometheus-client)."""

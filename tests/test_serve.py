@@ -1,0 +1,204 @@
+"""`sdrt serve` with the real clients (the `webuiapi` package, the official `openai` package, httpx) against a
+server started on 127.0.0.1 with the default model: the same seed gives `sdrt generate`'s image; queue,
+limits, interrupts, authentication and bad requests answer as documented."""
+
+import base64
+import concurrent.futures
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import half_mask, picture
+from helpers import generate
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+webuiapi = pytest.importorskip("webuiapi")
+pytest.importorskip("fastapi")
+
+KEY = "test-key"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(shapes_engines):
+    """-> base URL of `sdrt serve` on the default model: API key, one request waiting at most, small limits."""
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(shapes_engines), "--port", str(port), "--api-key", KEY,
+                                "--max-queue", "1", "--max-images", "2", "--max-steps", "200", "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _webui(url):
+    host, port = url.removeprefix("http://").split(":")
+    return webuiapi.WebUIApi(host=host, port=int(port), username="any", password=KEY)
+
+
+def _auth():
+    return {"Authorization": f"Bearer {KEY}"}
+
+
+def test_webuiapi_txt2img_gives_generates_images(server, shapes_engines):
+    api = _webui(server)
+    result = api.txt2img(prompt="a red circle on a white background", seed=5, steps=12, width=64, height=64, cfg_scale=7.0,
+                         sampler_name="DPM++ 2M", batch_size=2)
+    assert result.info["all_seeds"] == [5, 6] and result.info["sampler_name"] == "DPM++ 2M" and result.info["scheduler"] == "Karras"
+    for index, seed in enumerate((5, 6)):  # the WebUI's seed + i, which sdrt generate --seed S+i makes alone
+        expected = generate(shapes_engines, prompt="a red circle on a white background", seed=seed, steps=12, width=64, height=64,
+                            guidance=7.0, scheduler="dpmpp_2m", karras=True)[0]
+        assert np.array_equal(np.asarray(result.images[index].convert("RGB")), expected)
+    assert "Seed: 5" in result.info["infotexts"][0] and "Sampler: DPM++ 2M" in result.info["infotexts"][0]
+    assert result.images[0].text["parameters"] == result.info["infotexts"][0]
+
+
+def test_webuiapi_img2img_and_inpainting(server, shapes_engines):
+    api = _webui(server)
+    image, mask = picture(64, 64), half_mask(64, 64)
+    result = api.img2img(images=[image], prompt="a blue square", seed=3, steps=10, width=64, height=64, denoising_strength=0.6,
+                         sampler_name="Euler a", cfg_scale=7.5)
+    expected = generate(shapes_engines, prompt="a blue square", seed=3, steps=10, width=64, height=64, guidance=7.5, scheduler="euler_a",
+                        init_image=image, strength=0.6)[0]
+    assert np.array_equal(np.asarray(result.images[0].convert("RGB")), expected)
+    result = api.img2img(images=[image], mask_image=mask, prompt="a blue square", seed=3, steps=10, width=64, height=64,
+                         denoising_strength=1.0, sampler_name="Euler", mask_blur=0, inpaint_full_res=False, cfg_scale=7.5)
+    expected = generate(shapes_engines, prompt="a blue square", seed=3, steps=10, width=64, height=64, guidance=7.5, scheduler="euler",
+                        image=image, mask=mask, strength=1.0, mask_blur=0)[0]
+    assert np.array_equal(np.asarray(result.images[0].convert("RGB")), expected)
+    with pytest.raises(RuntimeError, match="inpaint_full_res: inpainting only the masked area"):  # the client's default
+        api.img2img(images=[image], mask_image=mask, prompt="a blue square", steps=2, width=64, height=64)
+
+
+def test_openai_client_gives_generates_image(server, shapes_engines):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    result = client.images.generate(prompt="a green square", size="64x64", response_format="b64_json", n=1, extra_body={"seed": 11})
+    image = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"))
+    assert np.array_equal(image, generate(shapes_engines, prompt="a green square", seed=11, width=64, height=64)[0])
+    with pytest.raises(openai.BadRequestError, match="steps 500: this server's limit is 200"):
+        client.images.generate(prompt="x", size="64x64", extra_body={"steps": 500})
+    with pytest.raises(openai.BadRequestError, match="3 images per request: this server's limit is 2"):
+        client.images.generate(prompt="x", size="64x64", n=3)
+    with pytest.raises(openai.BadRequestError, match="response_format 'url' is not supported"):
+        client.images.generate(prompt="x", size="64x64", response_format="url")
+    with pytest.raises(openai.BadRequestError, match="width 60 is not accepted: it must be a positive multiple of 8"):
+        client.images.generate(prompt="x", size="60x64")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").images.generate(prompt="x", size="64x64")
+
+
+def test_progress_and_interrupt(server):
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, f"{server}/sdapi/v1/txt2img", headers=_auth(), timeout=120,
+                              json={"prompt": "a red circle", "steps": 200, "width": 64, "height": 64, "seed": 1})
+        deadline, state = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            state = httpx.get(f"{server}/sdapi/v1/progress", headers=_auth()).json()
+            if state["state"]["sampling_step"] >= 2:
+                break
+            time.sleep(0.05)
+        assert 0 < state["progress"] < 1 and state["state"]["sampling_steps"] == 200 and state["eta_relative"] > 0
+        assert httpx.post(f"{server}/sdapi/v1/interrupt", headers=_auth()).status_code == 200
+        response = running.result()
+    assert response.status_code == 200 and len(response.json()["images"]) == 1  # the latents reached, decoded
+    assert httpx.get(f"{server}/sdapi/v1/progress", headers=_auth()).json()["state"]["job_count"] == 0
+
+
+def test_a_full_queue_answers_429_and_loses_nothing(server):
+    body = {"prompt": "a red circle", "steps": 40, "width": 64, "height": 64, "seed": 2}
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(lambda _: httpx.post(f"{server}/sdapi/v1/txt2img", headers=_auth(), json=body, timeout=120), range(6)))
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) <= {200, 429} and codes.count(200) >= 2 and 429 in codes, codes  # one running, one waiting (--max-queue 1)
+    assert all(r.headers["retry-after"] for r in responses if r.status_code == 429)
+    images = {r.json()["images"][0] for r in responses if r.status_code == 200}
+    assert len(images) == 1  # the same request, the same image, each time
+    health = httpx.get(f"{server}/health").json()
+    assert health == {"status": "ok", "waiting": 0, "busy": False}
+
+
+def test_a_client_that_goes_away_frees_its_place(server):
+    body = {"prompt": "a red circle", "steps": 150, "width": 64, "height": 64, "seed": 2}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(httpx.post, f"{server}/sdapi/v1/txt2img", headers=_auth(), json=body, timeout=120)
+        while not httpx.get(f"{server}/health").json()["busy"]:
+            time.sleep(0.05)
+        with pytest.raises(httpx.ReadTimeout):  # waits behind the running one, then hangs up
+            httpx.post(f"{server}/sdapi/v1/txt2img", headers=_auth(), json=body, timeout=0.5)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{server}/health").json()["waiting"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(f"{server}/health").json()["waiting"] == 0
+        httpx.post(f"{server}/sdapi/v1/interrupt", headers=_auth())
+        assert running.result().status_code == 200
+
+
+def test_metrics_and_authentication(server):
+    assert httpx.get(f"{server}/metrics").status_code == 401
+    text = httpx.get(f"{server}/metrics", headers=_auth()).text
+    assert "sdrt_images_total" in text and "sdrt_step_seconds_bucket" in text and "sdrt_queue_depth" in text
+    for path in ("/sdapi/v1/sd-models", "/sdapi/v1/samplers", "/sdapi/v1/options", "/sdapi/v1/scripts", "/sdapi/v1/progress"):
+        assert httpx.get(f"{server}{path}").status_code == 401, path
+        assert httpx.get(f"{server}{path}", headers=_auth()).status_code == 200, path
+    assert httpx.get(f"{server}/sdapi/v1/sd-models", auth=("user", KEY)).json()[0]["model_name"] == "sdrt-shapes"
+    assert httpx.get(f"{server}/sdapi/v1/sd-models", auth=("user", "wrong")).status_code == 401
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ({"prompt": "x", "sampler_name": "Heun"}, 422, "sampler_name 'Heun' is not supported: accepted values are DDIM"),
+    ({"prompt": "x", "scheduler": "exponential"}, 422, "scheduler 'exponential' is not supported"),
+    ({"prompt": "x", "enable_hr": True}, 422, "enable_hr: hires fix is not supported"),
+    ({"prompt": "x", "steps": 500}, 422, "steps 500: this server's limit is 200"),
+    ({"prompt": "x", "width": 60}, 422, "width 60 is not accepted: it must be a positive multiple of 8"),
+    ({"prompt": "x", "seed": 2**40}, 422, "seed 1099511627776 is out of range"),
+    ({"prompt": "x", "steps": "many"}, 422, "steps: Input should be a valid integer"),
+])
+def test_bad_webui_requests_name_the_field(server, body, status, fragment):
+    response = httpx.post(f"{server}/sdapi/v1/txt2img", headers=_auth(), json={"width": 64, "height": 64, **body})
+    assert response.status_code == status and fragment in response.json()["detail"], response.text
+
+
+def test_bad_json_oversize_and_bad_images(server):
+    response = httpx.post(f"{server}/sdapi/v1/txt2img", headers={**_auth(), "content-type": "application/json"}, content=b"{not json")
+    assert response.status_code == 422
+    response = httpx.post(f"{server}/sdapi/v1/img2img", headers=_auth(), content=b"x" * (51 * 1024 * 1024))
+    assert response.status_code == 413 and "limit is 52428800" in response.json()["detail"]
+    for image, fragment in (("%%%", "init_images[0]: not base64 image data"), (base64.b64encode(b"not an image").decode(),
+                                                                              "init_images[0] is not an image Pillow can read"),
+                            ("../../etc/passwd", "init_images[0]: not base64 image data")):
+        response = httpx.post(f"{server}/sdapi/v1/img2img", headers=_auth(), json={"prompt": "x", "init_images": [image]})
+        assert response.status_code == 422 and fragment in response.json()["detail"], response.text
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+
+
+def test_serve_without_the_extra_or_with_bad_options_says_so(shapes_engines, tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "fastapi.py").write_text("raise ImportError('blocked', name='fastapi')")
+    result = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", str(shapes_engines)], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(blocked)})
+    assert result.returncode == 2 and "needs the serve extra" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", str(shapes_engines), "--port", "0"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--port" in result.stderr
