@@ -109,6 +109,30 @@ def test_openai_client_gives_generates_image(server, shapes_engines):
         openai.OpenAI(base_url=f"{server}/v1", api_key="wrong").images.generate(prompt="x", size="64x64")
 
 
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_openai_edits_inpaint_where_transparent_else_rework_the_image(server, shapes_engines):
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY)
+    image, mask = picture(64, 64), half_mask(64, 64)  # mask: white = repaint (sdrt's convention)
+    transparent = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    transparent.putalpha(Image.eval(mask, lambda v: 255 - v))  # OpenAI's convention: alpha 0 = edit here
+    result = client.images.edit(image=("in.png", _png(image), "image/png"), mask=("mask.png", _png(transparent), "image/png"),
+                                prompt="a red circle", size="64x64", response_format="b64_json", extra_body={"seed": 4, "steps": 10})
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"))
+    assert np.array_equal(got, generate(shapes_engines, prompt="a red circle", seed=4, steps=10, width=64, height=64, image=image, mask=mask)[0])
+    result = client.images.edit(image=("in.png", _png(image), "image/png"), prompt="a red circle", size="64x64",
+                                extra_body={"seed": 4, "steps": 10})
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB"))
+    assert np.array_equal(got, generate(shapes_engines, prompt="a red circle", seed=4, steps=10, width=64, height=64, init_image=image,
+                                        strength=0.8)[0])
+    with pytest.raises(openai.BadRequestError, match="mask: it has no fully transparent pixels"):
+        client.images.edit(image=("in.png", _png(image), "image/png"), mask=("m.png", _png(image), "image/png"), prompt="x", size="64x64")
+
+
 def test_progress_and_interrupt(server):
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         running = pool.submit(httpx.post, f"{server}/sdapi/v1/txt2img", headers=_auth(), timeout=120,
@@ -202,3 +226,39 @@ def test_serve_without_the_extra_or_with_bad_options_says_so(shapes_engines, tmp
     assert result.returncode == 2 and "needs the serve extra" in result.stderr and "Traceback" not in result.stderr
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "serve", str(shapes_engines), "--port", "0"], capture_output=True, text=True)
     assert result.returncode == 2 and "--port" in result.stderr
+
+
+def test_the_page_generates_in_a_browser(server, shapes_engines, tmp_path):
+    """Debian's Chromium, headless, driven by Playwright: type a prompt, generate, watch the bar move and the image
+    appear; the screenshot is kept ($SDRT_TEST_ARTIFACTS, else the test's folder)."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (CI installs Debian's: apt-get install chromium)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    artifacts = os.environ.get("SDRT_TEST_ARTIFACTS") or str(tmp_path)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 700})
+            page.goto(f"{server}/")
+            page.wait_for_function("document.getElementById('sampler_name').options.length === 0")  # no key yet: the list stays empty
+            page.fill("#apikey", KEY)
+            page.dispatch_event("#apikey", "change")
+            page.wait_for_function("document.getElementById('sampler_name').value === 'DPM++ 2M'")
+            for field, value in (("#prompt", "a red circle on a white background"), ("#steps", "150"), ("#seed", "7"), ("#width", "64"),
+                                 ("#height", "64")):
+                page.fill(field, value)
+            page.click("#go")
+            page.wait_for_function("(() => { const v = document.getElementById('progress').value; return v > 0 && v < 1; })()", timeout=60_000)
+            page.wait_for_selector("img.result", timeout=120_000)
+            page.screenshot(path=os.path.join(artifacts, "serve-page.png"))
+            caption = page.inner_text("figcaption")
+            src = page.get_attribute("img.result", "src")
+        finally:
+            browser.close()
+    assert "Seed: 7" in caption and "Steps: 150" in caption
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(src.partition(",")[2]))).convert("RGB"))
+    assert np.array_equal(shown, generate(shapes_engines, prompt="a red circle on a white background", seed=7, steps=150, width=64, height=64,
+                                          guidance=7.5, scheduler="dpmpp_2m", karras=True)[0])

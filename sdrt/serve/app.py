@@ -12,9 +12,9 @@ import secrets
 import time
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -95,7 +95,7 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
             if request.url.path.startswith("/v1/"):
                 raise openai_images.ApiError(401, "Incorrect API key provided", code="invalid_api_key")
             raise HTTPException(401, "a valid API key is required (Authorization: Bearer KEY, or HTTP Basic with KEY as the password)",
-                                headers={"WWW-Authenticate": "Basic"})
+                                headers={"WWW-Authenticate": 'Bearer realm="sdrt"'})  # not Basic: browsers would pop up a login box over the page
 
     @app.middleware("http")
     async def body_limit(request: Request, call_next):
@@ -149,6 +149,12 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
             return JSONResponse({"detail": _as_field(exc), "error": "ValueError"}, status_code=422)
         infotexts = [webui_parameters(meta) for meta in result.metadata]
         return {"images": encoded(result), "parameters": req_model.model_dump(), "info": webui.info_json(req, result.metadata, infotexts, name)}
+
+    page = (Path(__file__).parent / "page.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page  # plain HTML and JS: the API calls from it carry the key, the page itself is public
 
     @app.get("/health")
     async def health():
@@ -212,10 +218,9 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "sdrt"}]}
 
-    @app.post("/v1/images/generations", dependencies=[Depends(authorized)])
-    async def images(body: openai_images.ImagesRequest, request: Request):
+    async def openai_call(body: openai_images.ImagesRequest, request: Request, images: dict | None = None):
         try:
-            req = openai_images.generate_request(body)
+            req = openai_images.generate_request(body, images)
             result = await run(req, request)
         except QueueFull:
             raise openai_images.ApiError(429, f"the queue is full ({cfg.max_queue} waiting); retry later", code="rate_limit_exceeded",
@@ -227,5 +232,22 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         except SdrtError as exc:
             raise openai_images.ApiError(400, _as_field(exc)) from None
         return openai_images.response(encoded(result))
+
+    @app.post("/v1/images/generations", dependencies=[Depends(authorized)])
+    async def images(body: openai_images.ImagesRequest, request: Request):
+        return await openai_call(body, request)
+
+    @app.post("/v1/images/edits", dependencies=[Depends(authorized)])
+    async def edits(request: Request, image: UploadFile, prompt: str = Form(...), mask: UploadFile | None = None, n: int = Form(1),
+                    size: str | None = Form(None), response_format: str | None = Form(None), seed: int | None = Form(None),
+                    negative_prompt: str = Form(""), steps: int | None = Form(None), guidance: float | None = Form(None),
+                    strength: float | None = Form(None)):
+        body = openai_images.ImagesRequest(prompt=prompt, n=n, size=size, response_format=response_format, seed=seed,
+                                           negative_prompt=negative_prompt, steps=steps, guidance=guidance)
+        try:
+            inputs = openai_images.edit_inputs(await image.read(), None if mask is None else await mask.read(), strength)
+        except SdrtError as exc:
+            raise openai_images.ApiError(400, _as_field(exc), "image") from None
+        return await openai_call(body, request, inputs)
 
     return app

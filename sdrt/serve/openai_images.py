@@ -1,13 +1,21 @@
-"""OpenAI's Images API (`/v1/images/generations`) on sdrt: its request fields, its response and error shapes.
-`seed` and `negative_prompt` are accepted as extensions (the official client sends them with `extra_body`);
-without a seed each request draws a random one, as OpenAI's service does."""
+"""OpenAI's Images API (`/v1/images/generations`, `/v1/images/edits`) on sdrt: its request fields, its response
+and error shapes. `seed`, `negative_prompt`, `steps`, `guidance` and (edits) `strength` are accepted as
+extensions (the official client sends them with `extra_body`); without a seed each request draws a random
+one, as OpenAI's service does. Edits follow OpenAI's mask convention: the mask's (or, without a mask, the
+image's own) fully transparent pixels are the area to paint; with no transparency at all the whole image
+is reworked (img2img at `strength`, default 0.8)."""
 
 from __future__ import annotations
 
+import io
 import secrets
 import time
 
+import numpy as np
+from PIL import Image
 from pydantic import BaseModel, ConfigDict
+
+from ..image_input import load_image_bytes
 
 from ..pipeline import GenerateRequest
 
@@ -38,7 +46,7 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def generate_request(r: ImagesRequest) -> GenerateRequest:
+def generate_request(r: ImagesRequest, images: dict | None = None) -> GenerateRequest:
     if r.response_format not in (None, "b64_json"):
         raise ApiError(400, f"response_format {r.response_format!r} is not supported: sdrt answers with b64_json only", "response_format")
     height = width = None
@@ -51,7 +59,30 @@ def generate_request(r: ImagesRequest) -> GenerateRequest:
     if not 0 <= seed <= MAX_SEED:
         raise ApiError(400, f"seed {r.seed} is out of range: accepted values are 0 .. {MAX_SEED}", "seed")
     return GenerateRequest(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=seed, height=height, width=width, num_images=r.n,
-                           steps=r.steps, guidance=r.guidance, batch_noise="per-image")
+                           steps=r.steps, guidance=r.guidance, batch_noise="per-image", **(images or {}))
+
+
+def _transparent(data: bytes, field: str) -> Image.Image | None:
+    """The fully transparent pixels of a PNG as a white-on-black mask (sdrt's convention), or None without any."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if "A" not in image.getbands() and not (image.mode == "P" and "transparency" in image.info):
+                return None
+            alpha = np.asarray(image.convert("RGBA"))[..., 3]
+    except (OSError, ValueError):
+        raise ApiError(400, f"{field}: not an image Pillow can read; send a PNG", field) from None
+    return Image.fromarray(np.where(alpha == 0, 255, 0).astype(np.uint8), mode="L") if (alpha == 0).any() else None
+
+
+def edit_inputs(image: bytes, mask: bytes | None, strength: float | None) -> dict:
+    """GenerateRequest fields of an edit: inpainting where the mask (or the image) is transparent, else img2img."""
+    picture = load_image_bytes(image, "image")
+    area = _transparent(mask, "mask") if mask is not None else _transparent(image, "image")
+    if mask is not None and area is None:
+        raise ApiError(400, "mask: it has no fully transparent pixels; OpenAI's convention is alpha 0 where the image is to be edited", "mask")
+    if area is None:
+        return {"init_image": picture, "strength": 0.8 if strength is None else strength}
+    return {"image": picture, "mask": area, **({} if strength is None else {"strength": strength})}
 
 
 def response(b64_pngs: list[str]) -> dict:
