@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .batch import FIELDS as BATCH_FIELDS
 from .cpu import usable_threads
 from .errors import SdrtError
 from .files import remove_temporaries
@@ -118,6 +119,40 @@ def _generate(args: argparse.Namespace) -> None:
         pipe.close()
 
 
+def _generate_batch(args: argparse.Namespace) -> int:
+    from . import batch
+    from .cpu import usable_cores
+
+    if args.workers < 1:
+        raise SdrtError("--workers must be >= 1")
+    threads = usable_threads("--threads", args.threads) or max(1, usable_cores() // args.workers)
+    prompts, out = Path(args.prompts), Path(args.out)
+    items = batch.read_items(prompts, _seed(args.seed))
+    if args.ray:
+        model_hash, results = batch.ray_results(Path(args.engines), prompts.parent, args.workers, threads, args.verify, args.ray_address)
+    else:
+        if args.workers != 1:
+            raise SdrtError("--workers N > 1 needs --ray (in one process the engines already use every core)")
+        runner = batch.ItemRunner(args.engines, threads, args.verify)
+        model_hash, results = runner.model_hash(), batch.local_results(runner, prompts.parent)
+    batch.prepare_folder(out, prompts, model_hash)
+    written, before, failures = batch.run_batch(items, out, results)
+    print(f"{written} written, {before} already there, {len(failures)} failed" + (f" (see {out / batch.FAILURES})" if failures else ""))
+    return 1 if failures else 0
+
+
+def _json_object(option: str, text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise SdrtError(f"{option} {text!r} is not a JSON object, e.g. '{{\"min_replicas\": 1, \"max_replicas\": 4}}'")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -128,10 +163,21 @@ def _serve(args: argparse.Namespace) -> None:
                         "run `pip install 'sdrt[serve]'`") from None
     from .pipeline import StableDiffusion
 
-    if args.max_queue < 0 or not 1 <= args.port <= 65535:
-        raise SdrtError("--max-queue must be >= 0 and --port 1 .. 65535")
+    if args.max_queue < 0 or not 1 <= args.port <= 65535 or args.replicas < 1:
+        raise SdrtError("--max-queue must be >= 0, --replicas >= 1 and --port 1 .. 65535")
     cfg = ServeConfig(api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None, max_queue=args.max_queue, max_images=args.max_images,
                       max_steps=args.max_steps, max_pixels=args.max_pixels, timeout_s=args.timeout)
+    if args.ray:
+        from .cpu import usable_cores
+        from .serve import ray_deployment
+
+        threads = usable_threads("--threads", args.threads) or max(1, usable_cores() // args.replicas)
+        ray_deployment.run(Path(args.engines), cfg, host=args.host, port=args.port, replicas=args.replicas,
+                           autoscaling=_json_object("--autoscaling", args.autoscaling), threads=threads, verify=args.verify,
+                           device=args.device, address=args.ray_address)
+        return
+    if args.replicas != 1 or args.autoscaling or args.ray_address:
+        raise SdrtError("--replicas, --autoscaling and --ray-address need --ray")
     pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads),
                                               verify=args.verify)
     app = create_app(pipe, cfg)
@@ -335,7 +381,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--watermark", metavar="TEXT", help="embed TEXT invisibly (the invisible-watermark package's dwtDct method, "
                    "as Stable Diffusion's reference scripts do with SDV2; images of at least 256x256); default: none")
     g.add_argument("--tile", type=int, default=None, metavar="N", help="run the U-Net and VAE decoder on overlapping latent tiles of "
-                   "at most NxN (0: never; default: 256 for x4 upscaling, else never)")
+                   "at most NxN (0: never; default: 128 for x4 upscaling, else never)")
     g.add_argument("--noise-level", type=int, default=None, help="x4 upscaler: noise added to --image, 0 .. the model's max (default 20)")
     g.add_argument("--depth-map", metavar="FILE", help="depth to image: the depth of --init-image (greyscale, 8 or 16 bit, brighter = "
                    "nearer); default: estimated by the folder's depth estimator")
@@ -347,6 +393,19 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--verify", default="changed", help="always: hash every engine file loaded; changed (default): only files "
                    "changed since this user last verified them; never: trust the folder")
     g.set_defaults(func=_generate)
+
+    b = sub.add_parser("generate-batch", parents=[verbose], help="one image per line of a JSON Lines file; resumable; one "
+                       "process or Ray workers")
+    b.add_argument("engines", help="engine folder made by `sdrt build`")
+    b.add_argument("prompts", help="JSON Lines: one object per line with prompt and any of " + ", ".join(f for f in BATCH_FIELDS if f != "prompt") + " (files relative to this file's folder)")
+    b.add_argument("--out", required=True, help="folder for NNNNN.png (line NNNNN), failures.jsonl and batch.json; run again to resume")
+    b.add_argument("--seed", default="0", help="seed of line 1 for lines without one; line N gets SEED + N - 1 (default 0)")
+    b.add_argument("--ray", action="store_true", help="run on Ray (the ray extra): a local instance, or --ray-address")
+    b.add_argument("--ray-address", default=None, help="an existing Ray cluster (e.g. auto, or ray://host:10001)")
+    b.add_argument("--workers", type=int, default=1, help="with --ray: pipelines working at once, each on --threads cores (default 1)")
+    b.add_argument("--threads", type=int, default=0, help="threads per worker (0: the cores divided among the workers)")
+    b.add_argument("--verify", default="changed", help="as for generate")
+    b.set_defaults(func=_generate_batch)
 
     v = sub.add_parser("serve", parents=[verbose], help="serve an engine folder over HTTP: the WebUI's API and OpenAI's Images API")
     v.add_argument("engines", help="engine folder made by `sdrt build`")
@@ -362,6 +421,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--device", default=None, help="default: the device the engines were built for")
     v.add_argument("--threads", type=int, default=0, help="inference threads (0: all cores)")
     v.add_argument("--verify", default="changed", help="always, changed (default) or never: as for generate")
+    v.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment (the ray extra): a local Ray instance, "
+                   "or --ray-address")
+    v.add_argument("--replicas", type=int, default=1, help="with --ray: replicas, each with its pipeline on --threads cores (default 1)")
+    v.add_argument("--autoscaling", metavar="JSON", help="with --ray: Ray Serve's autoscaling_config instead of --replicas, "
+                   "e.g. '{\"min_replicas\": 1, \"max_replicas\": 4}'")
+    v.add_argument("--ray-address", default=None, help="with --ray: an existing Ray cluster (e.g. auto)")
     v.set_defaults(func=_serve)
 
     r = sub.add_parser("grid", parents=[verbose], help="one picture: a row per prompt, a column per seed (0, 1, ...)")
@@ -473,7 +538,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _call(args: argparse.Namespace) -> int:
     try:
-        args.func(args)
+        code = args.func(args)
     except SdrtError as exc:
         print(f"sdrt: error: {exc}", file=sys.stderr)
         return 2
@@ -485,7 +550,7 @@ def _call(args: argparse.Namespace) -> int:
             raise
         print(f"sdrt: internal error: {type(exc).__name__}: {exc} (run with --verbose for the traceback)", file=sys.stderr)
         return 1
-    return 0
+    return code or 0  # a command returns 1 when some of its work failed and the rest was done
 
 
 if __name__ == "__main__":

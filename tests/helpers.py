@@ -1,8 +1,10 @@
 """The `sdrt` command in a subprocess, and the shape of a clean error."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -50,3 +52,34 @@ def in_process(capsys, *args) -> subprocess.CompletedProcess:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(engines: Path, *args, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """`sdrt serve ENGINES ARGS` on a free port, once /health answers -> (process, base URL)."""
+    import httpx
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(engines), "--port", str(port), *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"sdrt serve did not start: {process.communicate()}")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=60)

@@ -5,8 +5,8 @@ limits, interrupts, authentication and bad requests answer as documented."""
 import base64
 import concurrent.futures
 import io
+import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import half_mask, picture
-from helpers import generate
+from helpers import generate, start_server, stop_server
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -26,31 +26,13 @@ pytest.importorskip("fastapi")
 KEY = "test-key"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(shapes_engines):
     """-> base URL of `sdrt serve` on the default model: API key, one request waiting at most, small limits."""
-    port = _free_port()
-    process = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(shapes_engines), "--port", str(port), "--api-key", KEY,
-                                "--max-queue", "1", "--max-images", "2", "--max-steps", "200", "--threads", "1"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-        assert process.poll() is None, process.communicate()
+    process, url = start_server(shapes_engines, "--api-key", KEY, "--max-queue", "1", "--max-images", "2", "--max-steps", "200",
+                                "--threads", "1")
     yield url
-    process.terminate()
-    process.wait(timeout=30)
+    stop_server(process)
 
 
 def _webui(url):
@@ -161,6 +143,40 @@ def test_a_full_queue_answers_429_and_loses_nothing(server):
     assert len(images) == 1  # the same request, the same image, each time
     health = httpx.get(f"{server}/health").json()
     assert health == {"status": "ok", "waiting": 0, "busy": False}
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_load_50_at_once_then_150_more_without_growing(shapes_engines):
+    """50 concurrent requests against --max-queue 8: each gets its own image (its seed) or a 429, nothing lost,
+    nothing twice; the server stays up; 150 more requests (200 in all) do not grow its memory."""
+    process, url = start_server(shapes_engines, "--max-queue", "8", "--threads", "1")
+    try:
+        def one(seed):
+            body = {"prompt": "a red circle on a white background", "steps": 4, "width": 64, "height": 64, "seed": seed}
+            return seed, httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=300)
+
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            answers = list(pool.map(one, range(50)))
+        codes = [r.status_code for _, r in answers]
+        assert set(codes) <= {200, 429} and codes.count(200) >= 9 and 429 in codes, codes  # one running + 8 waiting at least
+        served = {seed: r.json() for seed, r in answers if r.status_code == 200}
+        assert all(body["parameters"]["seed"] == seed and json.loads(body["info"])["all_seeds"] == [seed] for seed, body in served.items())
+        assert len({body["images"][0] for body in served.values()}) == len(served)  # 50 seeds, as many different images
+        before = _rss_mb(process.pid)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # as many at once as the queue holds: none refused
+            answers = list(pool.map(one, range(100, 250)))
+        assert [r.status_code for _, r in answers] == [200] * 150
+        assert [json.loads(r.json()["info"])["seed"] for _, r in answers] == list(range(100, 250))
+        grown = _rss_mb(process.pid) - before
+        print(f"RSS {before:.0f} MB after 50 requests, +{grown:.1f} MB after 150 more")
+        assert grown < 40, f"RSS grew {grown:.0f} MB over 150 requests"
+        assert httpx.get(f"{url}/health").json() == {"status": "ok", "waiting": 0, "busy": False}
+    finally:
+        stop_server(process)
 
 
 def test_a_client_that_goes_away_frees_its_place(server):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import re
 import secrets
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..errors import SdrtError
+from ..errors import SdrtError, as_field
 from ..image_io import png_bytes, webui_parameters
 from ..manifest import model_hash
 from ..pipeline import GenerateRequest, StableDiffusion
@@ -42,11 +41,6 @@ class ServeConfig:
 
 class _Limit(SdrtError):
     pass
-
-
-def _as_field(exc: SdrtError) -> str:
-    """sdrt's errors name command-line options (`--mask-blur 3`); a request names fields (`mask_blur`)."""
-    return re.sub(r"--([a-z][a-z-]*)", lambda m: m[1].replace("-", "_"), str(exc))
 
 
 def _check_limits(req: GenerateRequest, cfg: ServeConfig, pipe: StableDiffusion) -> None:
@@ -146,7 +140,7 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         except TimeoutError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=504)
         except SdrtError as exc:
-            return JSONResponse({"detail": _as_field(exc), "error": "ValueError"}, status_code=422)
+            return JSONResponse({"detail": as_field(exc), "error": "ValueError"}, status_code=422)
         infotexts = [webui_parameters(meta) for meta in result.metadata]
         return {"images": encoded(result), "parameters": req_model.model_dump(), "info": webui.info_json(req, result.metadata, infotexts, name)}
 
@@ -173,7 +167,7 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         try:
             images = webui.img2img_inputs(body)
         except SdrtError as exc:
-            return JSONResponse({"detail": _as_field(exc), "error": "ValueError"}, status_code=422)
+            return JSONResponse({"detail": as_field(exc), "error": "ValueError"}, status_code=422)
         return await webui_call(body, request, images)
 
     @app.get("/sdapi/v1/progress", dependencies=[Depends(authorized)])
@@ -230,7 +224,7 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         except TimeoutError as exc:
             raise openai_images.ApiError(504, str(exc), kind="server_error") from None
         except SdrtError as exc:
-            raise openai_images.ApiError(400, _as_field(exc)) from None
+            raise openai_images.ApiError(400, as_field(exc)) from None
         return openai_images.response(encoded(result))
 
     @app.post("/v1/images/generations", dependencies=[Depends(authorized)])
@@ -247,7 +241,7 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         try:
             inputs = openai_images.edit_inputs(await image.read(), None if mask is None else await mask.read(), strength)
         except SdrtError as exc:
-            raise openai_images.ApiError(400, _as_field(exc), "image") from None
+            raise openai_images.ApiError(400, as_field(exc), "image") from None
         return await openai_call(body, request, inputs)
 
     return app
