@@ -176,12 +176,11 @@ def local_results(runner: ItemRunner, base: Path) -> Callable[[list[Item]], Iter
 
 def ray_results(engines: Path, base: Path, workers: int, threads: int, verify: str, address: str | None):
     """-> (model hash, results function) with `workers` Ray actors, each holding a pipeline; results arrive as they finish."""
-    try:
-        import ray
-        from ray.util import ActorPool
-    except ImportError:
-        raise SdrtError("--ray needs the ray extra: run `pip install 'sdrt[ray]'`") from None
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from .raycluster import connect
+
+    ray = connect(address)
+    from ray.util import ActorPool
+
     actor = ray.remote(num_cpus=threads)(ItemRunner)
     actors = [actor.remote(str(engines), threads, verify) for _ in range(workers)]
     model_hash = ray.get(actors[0].model_hash.remote())

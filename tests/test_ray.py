@@ -1,5 +1,6 @@
-"""Ray, for real: a local Ray instance started by `sdrt serve --ray` (two replicas behind Ray Serve's proxy) and by
-`sdrt generate-batch --ray` (two workers, killed mid-way and resumed). One file, so the two never run at once."""
+"""Ray, for real: one Ray instance on this machine (`ray start --head`), used through --ray-address by `sdrt serve
+--ray` (two replicas behind Ray Serve's proxy) and `sdrt generate-batch --ray` (two workers, killed mid-way and
+resumed). Without --ray-address each command starts a local instance of its own, the same code path past ray.init."""
 
 import base64
 import concurrent.futures
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import generate, start_server, stop_server
+from helpers import free_port, generate, start_server, stop_server
 
 ray = pytest.importorskip("ray")
 httpx = pytest.importorskip("httpx")
@@ -24,10 +25,21 @@ pytest.importorskip("fastapi")
 PROMPTS = ["a red circle on a white background", "a large blue square on a gray background", "a small green triangle on a white background"]
 
 
-def test_serve_on_ray_with_two_replicas_gives_generates_images(shapes_engines):
-    process, url = start_server(shapes_engines, "--ray", "--replicas", "2", "--threads", "1", "--max-queue", "2", timeout=240)
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray head started here with 2 CPUs -> its address as a user on this machine gives it ("auto"); stopped, with
+    everything deployed on it, after."""
+    subprocess.run(["ray", "start", "--head", "--port", str(free_port()), "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=120)
+    yield "auto"
+    subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_serve_on_ray_with_two_replicas_gives_generates_images(shapes_engines, cluster):
+    process, url = start_server(shapes_engines, "--ray", "--ray-address", cluster, "--replicas", "2", "--threads", "1", "--max-queue", "2",
+                                timeout=240)
     try:
-        ray.init(address="auto", log_to_driver=False, configure_logging=False)
+        ray.init(address=cluster, log_to_driver=False, configure_logging=False)
         try:
             from ray import serve
 
@@ -55,15 +67,15 @@ def test_serve_on_ray_with_two_replicas_gives_generates_images(shapes_engines):
         stop_server(process)
 
 
-def test_batch_on_ray_killed_midway_resumes_without_doing_an_image_twice(shapes_engines, tmp_path):
-    """A real local Ray instance with two workers; SIGKILL to the driver once some images exist; the same command
-    again makes exactly the missing ones."""
+def test_batch_on_ray_killed_midway_resumes_without_doing_an_image_twice(shapes_engines, cluster, tmp_path):
+    """Two workers; SIGKILL to the driver once some images exist (Ray ends its actors); the same command again makes
+    exactly the missing ones."""
     count = 20
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": PROMPTS[i % 3], "steps": 30}) + "\n" for i in range(count)))
     out = tmp_path / "out"
     command = [sys.executable, "-m", "sdrt.cli", "generate-batch", str(shapes_engines), str(prompts), "--out", str(out), "--ray",
-               "--workers", "2", "--threads", "1"]
+               "--ray-address", cluster, "--workers", "2", "--threads", "1"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 180
     while len(list(out.glob("*.png"))) < 4 and first.poll() is None and time.monotonic() < deadline:

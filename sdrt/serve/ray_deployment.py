@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import SdrtError
 from .app import RETRY_AFTER_S, ServeConfig
 
 
@@ -45,16 +45,23 @@ def deployment_options(cfg: ServeConfig, replicas: int, autoscaling: dict[str, A
 
 def run(engines: Path, cfg: ServeConfig, *, host: str, port: int, replicas: int, autoscaling: dict[str, Any] | None,
         threads: int, verify: str, device: str | None, address: str | None) -> None:
-    """Deploy and serve until stopped (Ctrl-C / SIGTERM; a local Ray instance ends with this process)."""
-    try:
-        import ray
-        from ray import serve
-    except ImportError:
-        raise SdrtError("--ray needs the ray extra: run `pip install 'sdrt[ray]'`") from None
-    ray.init(address=address, include_dashboard=False, configure_logging=False)
+    """Deploy and serve until Ctrl-C / SIGTERM, then remove the deployment (and the local Ray instance, if this started one)."""
+    from ..raycluster import connect
+
+    ray = connect(address)
+    from ray import serve
+
     serve.start(http_options={"host": host, "port": port})
     replica = serve.deployment(name="sdrt", **deployment_options(cfg, replicas, autoscaling, threads))(serve.ingress()(Replica))
     serve.run(replica.bind(str(engines), cfg, threads, verify, device), name="sdrt", route_prefix="/")
     print(f"serving {engines} on http://{host}:{port}/ with Ray Serve "
           f"({'autoscaling ' + str(autoscaling) if autoscaling else str(replicas) + ' replicas'})", file=sys.stderr, flush=True)
-    signal.pause()  # the CLI's SIGINT/SIGTERM handlers end the process; Ray's reaper stops the instance it started
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1):
+        pass
+    serve.delete("sdrt")  # what this command deployed goes with it, on a cluster too
+    if address is None:
+        serve.shutdown()
+    ray.shutdown()
