@@ -46,6 +46,7 @@ LONG_PROMPTS = ("truncate", "chunk")
 TILE_MIN = 8  # latent pixels: smaller tiles see too little to draw anything
 USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
 BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
+PREVIEW_LATENT_SIDE = 16  # previews decode at most 16x16 latents (128x128 pixels for SD): ~1/16 of a 512x512 decode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,9 +245,10 @@ class StableDiffusion:
         hidden = encoder.run({"input_ids": ids})["last_hidden_state"]  # (P k, S, D)
         return hidden.reshape(len(prompts), k * hidden.shape[1], hidden.shape[2])
 
-    def generate(self, req: GenerateRequest, progress: bool = True, on_step: Callable[[int, int], bool] | None = None) -> list[np.ndarray]:
-        """-> num_images arrays (H, W, 3) uint8. on_step(steps done, steps to run) after every step; returning False
-        stops the loop there and the latents reached are decoded (an interrupt)."""
+    def generate(self, req: GenerateRequest, progress: bool = True,
+                 on_step: Callable[[int, int, np.ndarray], bool] | None = None) -> list[np.ndarray]:
+        """-> num_images arrays (H, W, 3) uint8. on_step(steps done, steps to run, latents (n, C, h, w)) after every
+        step; returning False stops the loop there and the latents reached are decoded (an interrupt)."""
         s = self.settings(req)
         scheduler = make_scheduler(s.scheduler, self.scheduler_config, karras_sigmas=s.karras)
         scheduler.set_timesteps(s.steps, 1.0 if s.strength is None else s.strength)
@@ -282,7 +284,7 @@ class StableDiffusion:
         return [embed_watermark(image, req.watermark) for image in images] if req.watermark is not None else images
 
     def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool,
-                 on_step: Callable[[int, int], bool] | None = None) -> np.ndarray:
+                 on_step: Callable[[int, int, np.ndarray], bool] | None = None) -> np.ndarray:
         """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index,
         progress and cancellation. context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents (n, C, h, w) float32."""
         latents, extra, feeds = start.latents, start.unet_extra, dict(start.unet_feeds)
@@ -307,7 +309,7 @@ class StableDiffusion:
             latents = scheduler.step(out, i, latents, step_noise)
             if start.after_step is not None:
                 latents = start.after_step(latents, i)
-            if on_step is not None and on_step(i - scheduler.begin + 1, len(steps)) is False:
+            if on_step is not None and on_step(i - scheduler.begin + 1, len(steps), latents) is False:
                 break
         if not np.isfinite(latents).all():
             raise SdrtError("the denoising loop produced NaN or infinite latents; the engines are numerically broken for this model and precision")
@@ -322,6 +324,19 @@ class StableDiffusion:
             image = np.clip(image / np.float32(2) + np.float32(0.5), 0, 1).transpose(1, 2, 0)
             images.append((image * 255).round().astype(np.uint8))
         return images
+
+    def preview(self, latents: np.ndarray, max_side: int = PREVIEW_LATENT_SIDE) -> np.ndarray | None:
+        """latents (n, C, h, w) of a running generation -> its first image, small: the latents averaged over k x k
+        blocks (k: the least that brings both sides to <= max_side) and decoded by the VAE decoder itself. At k = 1 it
+        is the image those latents make. None for static-shape engines (they decode one size only)."""
+        if self.static_shape:
+            return None
+        h, w = latents.shape[2:]
+        k = max(1, -(-max(h, w) // max_side))
+        first = latents[:1, :, : h - h % k or h, : w - w % k or w]
+        if k > 1:
+            first = first.reshape(1, first.shape[1], first.shape[2] // k, k, first.shape[3] // k, k).mean(axis=(3, 5))
+        return self._decode(first, self.engines["vae_decoder"])[0]
 
     def metadata(self, req: GenerateRequest, index: int) -> dict[str, Any]:
         s = self.settings(req)

@@ -126,10 +126,35 @@ def test_progress_and_interrupt(server):
                 break
             time.sleep(0.05)
         assert 0 < state["progress"] < 1 and state["state"]["sampling_steps"] == 200 and state["eta_relative"] > 0
+        while state["current_image"] is None and time.monotonic() < deadline:  # asked for above: made at a coming step
+            state = httpx.get(f"{server}/sdapi/v1/progress", headers=_auth()).json()
+            time.sleep(0.05)
+        preview = Image.open(io.BytesIO(base64.b64decode(state["current_image"])))
+        assert preview.size == (64, 64) and state["textinfo"].startswith("preview of step ")
+        assert httpx.get(f"{server}/sdapi/v1/progress", headers=_auth(), params={"skip_current_image": "true"}).json()["current_image"] is None
         assert httpx.post(f"{server}/sdapi/v1/interrupt", headers=_auth()).status_code == 200
         response = running.result()
     assert response.status_code == 200 and len(response.json()["images"]) == 1  # the latents reached, decoded
     assert httpx.get(f"{server}/sdapi/v1/progress", headers=_auth()).json()["state"]["job_count"] == 0
+
+
+def test_preview_decodes_the_running_latents(shapes_engines):
+    """pipe.preview of the last step's latents is the image itself (no averaging at 8x8 latents); larger latents
+    are averaged down to <= 16x16 first and decoded by the same VAE."""
+    from sdrt.pipeline import GenerateRequest, StableDiffusion
+
+    pipe = StableDiffusion.from_engine_folder(shapes_engines)
+    try:
+        seen = []
+        image = pipe.generate(GenerateRequest(prompt="a red circle on a white background", seed=4, steps=8),
+                              progress=False, on_step=lambda done, total, latents: seen.append(latents.copy()) or True)[0]
+        assert len(seen) == 8 and seen[-1].shape == (1, 4, 8, 8)
+        assert np.array_equal(pipe.preview(seen[-1]), image)
+        assert pipe.preview(seen[-1], max_side=4).shape == (32, 32, 3)  # 2x2 blocks averaged: a 4x4 latent
+        big = np.repeat(np.repeat(seen[-1], 5, axis=2), 5, axis=3)  # (1, 4, 40, 40): blocks of 3 -> 13x13 latents
+        assert pipe.preview(big).shape == (104, 104, 3)
+    finally:
+        pipe.close()
 
 
 def test_a_full_queue_answers_429_and_loses_nothing(server):
@@ -268,6 +293,7 @@ def test_the_page_generates_in_a_browser(server, shapes_engines, tmp_path):
                 page.fill(field, value)
             page.click("#go")
             page.wait_for_function("(() => { const v = document.getElementById('progress').value; return v > 0 && v < 1; })()", timeout=60_000)
+            page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png')", timeout=60_000)  # live preview
             page.wait_for_selector("img.result", timeout=120_000)
             page.screenshot(path=os.path.join(artifacts, "serve-page.png"))
             caption = page.inner_text("figcaption")

@@ -171,8 +171,13 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         return await webui_call(body, request, images)
 
     @app.get("/sdapi/v1/progress", dependencies=[Depends(authorized)])
-    async def progress():
+    async def progress(skip_current_image: bool = False):
         job = worker.current
+        preview = None
+        if job is not None and not skip_current_image:
+            job.preview_wanted = time.monotonic()
+            if job.preview is not None:
+                preview = base64.b64encode(png_bytes(job.preview, {})).decode()
         fraction, eta = 0.0, 0.0
         if job is not None and job.steps:
             fraction = job.step / job.steps
@@ -181,7 +186,8 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         state = {"skipped": False, "interrupted": bool(job and job.stopped_by == "interrupt"), "job": "", "job_count": worker.waiting +
                  (job is not None), "job_timestamp": "0", "job_no": 0, "sampling_step": job.step if job else 0,
                  "sampling_steps": job.steps if job else 0}
-        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None, "textinfo": None}
+        return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": preview,
+                "textinfo": f"preview of step {job.preview_step}" if preview else None}
 
     @app.post("/sdapi/v1/interrupt", dependencies=[Depends(authorized)])
     async def interrupt():

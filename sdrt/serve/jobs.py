@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -13,9 +14,14 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import numpy as np
 
+from ..errors import first_line
 from ..pipeline import GenerateRequest, StableDiffusion
 
+log = logging.getLogger(__name__)
+
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
+PREVIEW_WANTED_S = 3.0  # a preview is made while someone asked for one this recently (GET /progress)
+PREVIEW_SHARE = 0.1  # previews take at most this share of the generation's time
 
 
 class QueueFull(Exception):
@@ -33,10 +39,27 @@ class Job:
     steps: int = 0
     started: float | None = None
     stopped_by: str | None = None  # "interrupt", "timeout" or "disconnect": the loop ends at its next step
+    preview: np.ndarray | None = None  # (h, w, 3) uint8: the latents of step `preview_step`, decoded small
+    preview_step: int = 0
+    preview_wanted: float = float("-inf")  # time.monotonic() of the last request for a preview
+    _preview_due: float = 0.0  # the next preview waits until then (keeps previews to PREVIEW_SHARE of the time)
 
     def on_step(self, done: int, total: int) -> bool:
         self.step, self.steps = done, total
         return self.stopped_by is None
+
+    def maybe_preview(self, pipe: StableDiffusion, latents: np.ndarray) -> None:
+        """Decode a preview of `latents` if one was asked for lately and the last one's cost has been paid off."""
+        now = time.monotonic()
+        if now - self.preview_wanted > PREVIEW_WANTED_S or now < self._preview_due:
+            return
+        try:
+            self.preview, self.preview_step = pipe.preview(latents), self.step
+        except Exception as exc:  # a preview never costs the image  # noqa: BLE001
+            log.warning("no previews for this request: %s", first_line(exc))
+            self._preview_due = float("inf")
+            return
+        self._preview_due = now + (time.monotonic() - now) / PREVIEW_SHARE
 
 
 @dataclasses.dataclass
@@ -84,13 +107,16 @@ class Worker:
             self.current = job
         job.started = last = time.monotonic()
 
-        def on_step(done: int, total: int) -> bool:
+        def on_step(done: int, total: int, latents: np.ndarray) -> bool:
             nonlocal last
             now = time.monotonic()
             if self.on_step_seconds is not None:
                 self.on_step_seconds(now - last)
-            last = now
-            return job.on_step(done, total)
+            go_on = job.on_step(done, total)
+            if go_on and done < total:
+                job.maybe_preview(self.pipe, latents)
+            last = time.monotonic()  # a preview's time is not the next step's
+            return go_on
 
         try:
             images = self.pipe.generate(job.req, progress=False, on_step=on_step)
