@@ -131,8 +131,8 @@ def _generate_batch(args: argparse.Namespace) -> int:
     if args.ray:
         model_hash, results = batch.ray_results(Path(args.engines), prompts.parent, args.workers, threads, args.verify, args.ray_address)
     else:
-        if args.workers != 1:
-            raise SdrtError("--workers N > 1 needs --ray (in one process the engines already use every core)")
+        if args.workers != 1 or args.ray_address:
+            raise SdrtError("--workers N > 1 and --ray-address need --ray (in one process the engines already use every core)")
         runner = batch.ItemRunner(args.engines, threads, args.verify)
         model_hash, results = runner.model_hash(), batch.local_results(runner, prompts.parent)
     batch.prepare_folder(out, prompts, model_hash)
@@ -397,7 +397,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("generate-batch", parents=[verbose], help="one image per line of a JSON Lines file; resumable; one "
                        "process or Ray workers")
     b.add_argument("engines", help="engine folder made by `sdrt build`")
-    b.add_argument("prompts", help="JSON Lines: one object per line with prompt and any of " + ", ".join(f for f in BATCH_FIELDS if f != "prompt") + " (files relative to this file's folder)")
+    b.add_argument("prompts", help="JSON Lines: one object per line with prompt and any of "
+                   + ", ".join(f for f in BATCH_FIELDS if f != "prompt") + " (files relative to this file's folder)")
     b.add_argument("--out", required=True, help="folder for NNNNN.png (line NNNNN), failures.jsonl and batch.json; run again to resume")
     b.add_argument("--seed", default="0", help="seed of line 1 for lines without one; line N gets SEED + N - 1 (default 0)")
     b.add_argument("--ray", action="store_true", help="run on Ray (the ray extra): a local instance, or --ray-address")

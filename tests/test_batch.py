@@ -76,4 +76,4 @@ def test_bad_lines_are_refused_before_anything_runs(shapes_engines, tmp_path, li
 
 def test_workers_need_ray(shapes_engines, tmp_path):
     prompts = _write(tmp_path / "prompts.jsonl", [{"prompt": "x"}])
-    assert_clean_error(sdrt("generate-batch", shapes_engines, prompts, "--out", tmp_path / "out", "--workers", "2"), "--workers N > 1 needs --ray")
+    assert_clean_error(sdrt("generate-batch", shapes_engines, prompts, "--out", tmp_path / "out", "--workers", "2"), "--workers N > 1 and --ray-address need --ray")
