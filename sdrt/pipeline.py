@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -141,18 +142,34 @@ class StableDiffusion:
             if verify != "never":
                 verify_files(engine_dir, manifest, list(dict.fromkeys(paths)), verified)
 
-        def load(name: str) -> Engine:
-            """A component, its files verified first: what the build made for this device must be there (no silent fallback)."""
+        def files(name: str) -> list[Path]:
+            """What loading a component reads: what the build made for this device must be there (no silent fallback)."""
             if name not in manifest["components"]:
                 raise SdrtError(f"{engine_dir} has no {name} engine; rebuild it with this version of sdrt")
             paths = backend.files_to_load(engine_dir / name, cfg)
             if cfg.device == manifest["backend"]["device"]:
                 paths += [engine_dir / rel for rel in manifest["components"][name]["artifacts"]]
-            check(paths)
+            return paths
+
+        def open_engine(name: str) -> Engine:
             return backend.load(engine_dir / name, ComponentSpec.from_json(manifest["components"][name]["spec"]), cfg)
 
+        def load(name: str) -> Engine:
+            """A component the task needs later (VAE encoder, depth estimator, ...): verified, then loaded."""
+            check(files(name))
+            return open_engine(name)
+
         check([engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)])
-        engines = {name: load(name) for name in TXT2IMG_COMPONENTS}
+        # the next component's files are hashed while this one loads; none is loaded before its own check passed
+        hasher = ThreadPoolExecutor(1, thread_name_prefix="sdrt-verify")
+        try:
+            checked = [hasher.submit(check, files(name)) for name in TXT2IMG_COMPONENTS]
+            engines = {}
+            for name, done in zip(TXT2IMG_COMPONENTS, checked):
+                done.result()
+                engines[name] = open_engine(name)
+        finally:
+            hasher.shutdown(wait=False, cancel_futures=True)  # after a failed check, the rest is not hashed
         info = ModelInfo.from_json({k: v for k, v in manifest["model"].items() if k != "source"})
         pipe = cls(info, manifest["scheduler_config"], CLIPTokenizer(engine_dir / "tokenizer"), engines,
                    manifest.get("defaults"), manifest.get("static_shape"))

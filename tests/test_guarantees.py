@@ -440,3 +440,21 @@ def test_verified_files_are_trusted_only_while_unchanged(tiny_engines, tmp_path)
     trusting = sdrt(*args, "--verify", "never", cache_dir=cache)
     assert trusting.returncode == 0 and "--verify never: the hashes of" in trusting.stderr and "are not checked" in trusting.stderr
     assert_clean_error(sdrt(*args, "--verify", "sometimes", cache_dir=cache), "--verify 'sometimes'", "always, changed, never")
+
+
+@pytest.mark.parametrize("broken", ["text_encoder", "unet", "vae_decoder"])
+def test_each_component_is_loaded_only_after_its_files_passed(tiny_engines, tmp_path, monkeypatch, broken):
+    """Hashing overlaps loading (the next component is hashed while this one loads), but no component is opened
+    before its own check: a changed file of one stops the load there, with the ones before it loaded and none after."""
+    from sdrt.engines.onnxruntime import OnnxRuntimeEngine
+
+    copy = tmp_path / "E"
+    shutil.copytree(tiny_engines["sd1"], copy)
+    flip_byte(copy / broken / "model.cpu-optimized.onnx")
+    opened = []
+    real_load = OnnxRuntimeEngine.load.__func__
+    monkeypatch.setattr(OnnxRuntimeEngine, "load", classmethod(lambda cls, d, spec, cfg: opened.append(d.name) or real_load(cls, d, spec, cfg)))
+    with pytest.raises(SdrtError, match=f"{broken}/model.cpu-optimized.onnx does not match its hash"):
+        StableDiffusion.from_engine_folder(copy, verify="always")
+    order = ["text_encoder", "unet", "vae_decoder"]
+    assert opened == order[: order.index(broken)]
