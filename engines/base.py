@@ -73,6 +73,8 @@ class LoadConfig:
 
 
 class Engine(Protocol):
+    artifact_layout: int  # bumped when the files `build` writes change shape: build-cache entries of another layout are not reused
+
     @classmethod
     def version(cls) -> str: ...
 

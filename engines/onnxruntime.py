@@ -90,6 +90,8 @@ def _session_options(threads: int) -> ort.SessionOptions:
 
 
 class OnnxRuntimeEngine:
+    artifact_layout = 2  # 2: weights always in model.{device}-optimized.onnx.data
+
     def __init__(self, session: ort.InferenceSession, spec: ComponentSpec):
         self._session = session
         self._spec = spec
@@ -134,9 +136,10 @@ class OnnxRuntimeEngine:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = str(target)
         options.log_severity_level = 3  # the artifact is CPU-specific on purpose: it is named for its device
-        if source.with_name(source.name + ".data").exists() or (onnx_path.parent / "model.onnx.data").exists():
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_DATA_MIN_BYTES))
+        # weights in a file of their own, whatever the model's size: ONNX Runtime maps such a file instead of parsing
+        # the weights out of the protobuf, which loads an SD U-Net about 3x faster (README, Engine folder)
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", data_name)
+        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", str(EXTERNAL_DATA_MIN_BYTES))
         try:
             ort.InferenceSession(str(source), options, providers=providers)
         except Exception as exc:  # ONNX Runtime raises its own exception types

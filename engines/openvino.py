@@ -108,6 +108,8 @@ def _nncf() -> Iterator:
 
 
 class OpenVinoEngine:
+    artifact_layout = 1
+
     def __init__(self, request: ov.InferRequest, spec: ComponentSpec):
         self._request = request
         self._spec = spec

@@ -142,28 +142,29 @@ class StableDiffusion:
             if verify != "never":
                 verify_files(engine_dir, manifest, list(dict.fromkeys(paths)), verified)
 
-        def files(name: str) -> list[Path]:
-            """What loading a component reads: what the build made for this device must be there (no silent fallback)."""
+        def verify_component(name: str) -> None:
+            """A component's files hashed: the build's artifacts for this device first (what the build made must be
+            there: no silent fallback; a graph is parsed only once its bytes passed), then any other file it names."""
             if name not in manifest["components"]:
                 raise SdrtError(f"{engine_dir} has no {name} engine; rebuild it with this version of sdrt")
-            paths = backend.files_to_load(engine_dir / name, cfg)
-            if cfg.device == manifest["backend"]["device"]:
-                paths += [engine_dir / rel for rel in manifest["components"][name]["artifacts"]]
-            return paths
+            built = cfg.device == manifest["backend"]["device"]
+            listed = [engine_dir / rel for rel in manifest["components"][name]["artifacts"]] if built else []
+            check(listed)
+            check([p for p in backend.files_to_load(engine_dir / name, cfg) if p not in listed])
 
         def open_engine(name: str) -> Engine:
             return backend.load(engine_dir / name, ComponentSpec.from_json(manifest["components"][name]["spec"]), cfg)
 
         def load(name: str) -> Engine:
             """A component the task needs later (VAE encoder, depth estimator, ...): verified, then loaded."""
-            check(files(name))
+            verify_component(name)
             return open_engine(name)
 
         check([engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)])
-        # the next component's files are hashed while this one loads; none is loaded before its own check passed
+        # the next component's files are hashed while this one loads; none is opened before its own check passed
         hasher = ThreadPoolExecutor(1, thread_name_prefix="sdrt-verify")
         try:
-            checked = [hasher.submit(check, files(name)) for name in TXT2IMG_COMPONENTS]
+            checked = [hasher.submit(verify_component, name) for name in TXT2IMG_COMPONENTS]
             engines = {}
             for name, done in zip(TXT2IMG_COMPONENTS, checked):
                 done.result()
