@@ -316,7 +316,8 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
             needs_calibration = engine.needs_calibration(name, cfg)
             sizes = _static_sizes(cfg, info, name)
             key = cache_key("engine", component=name, backend=cfg.backend, version=engine.version(), layout=engine.artifact_layout,
-                            options=cfg.cache_fields(), spec=spec.to_json(), static=sizes, onnx=onnx_hashes if needs_calibration else onnx_hashes[name],
+                            options=cfg.cache_fields(), spec=spec.to_json(), static=sizes,
+                            onnx=onnx_hashes if needs_calibration else onnx_hashes[name],
                             calibration_prompts=calibration_prompts if needs_calibration else None)
             keys[name] = key
             placed = cache.fetch(key, staging / name)
