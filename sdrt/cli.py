@@ -121,11 +121,11 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _generate_batch(args: argparse.Namespace) -> int:
     from . import batch
-    from .cpu import usable_cores
+    from .cpu import threads_per_worker
 
     if args.workers < 1:
         raise SdrtError("--workers must be >= 1")
-    threads = usable_threads("--threads", args.threads) or max(1, usable_cores() // args.workers)
+    threads = threads_per_worker("--threads", args.threads, args.workers)
     prompts, out = Path(args.prompts), Path(args.out)
     items = batch.read_items(prompts, _seed(args.seed))
     if args.ray:
@@ -168,10 +168,10 @@ def _serve(args: argparse.Namespace) -> None:
     cfg = ServeConfig(api_key=args.api_key or os.environ.get("SDRT_API_KEY") or None, max_queue=args.max_queue, max_images=args.max_images,
                       max_steps=args.max_steps, max_pixels=args.max_pixels, timeout_s=args.timeout)
     if args.ray:
-        from .cpu import usable_cores
+        from .cpu import threads_per_worker
         from .serve import ray_deployment
 
-        threads = usable_threads("--threads", args.threads) or max(1, usable_cores() // args.replicas)
+        threads = threads_per_worker("--threads", args.threads, args.replicas)
         ray_deployment.run(Path(args.engines), cfg, host=args.host, port=args.port, replicas=args.replicas,
                            autoscaling=_json_object("--autoscaling", args.autoscaling), threads=threads, verify=args.verify,
                            device=args.device, address=args.ray_address)

@@ -44,3 +44,8 @@ def usable_threads(option: str, threads: int) -> int:
         log.warning("%s %d is more than the %d cores this machine gives sdrt; using %d", option, threads, cores, cores)
         return cores
     return threads
+
+
+def threads_per_worker(option: str, threads: int, workers: int) -> int:
+    """--threads for each of `workers` pipelines sharing this machine: as given, else (0) the cores divided among them."""
+    return usable_threads(option, threads) or max(1, usable_cores() // workers)

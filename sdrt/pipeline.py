@@ -345,13 +345,14 @@ class StableDiffusion:
 
     def preview(self, latents: np.ndarray, max_side: int = PREVIEW_LATENT_SIDE) -> np.ndarray | None:
         """latents (n, C, h, w) of a running generation -> its first image, small: the latents averaged over k x k
-        blocks (k: the least that brings both sides to <= max_side) and decoded by the VAE decoder itself. At k = 1 it
-        is the image those latents make. None for static-shape engines (they decode one size only)."""
+        blocks (k: the least that brings both sides to <= max_side, at most the shorter side) and decoded by the VAE
+        decoder itself. At k = 1 it is the image those latents make. None for static-shape engines (they decode one
+        size only)."""
         if self.static_shape:
             return None
         h, w = latents.shape[2:]
-        k = max(1, -(-max(h, w) // max_side))
-        first = latents[:1, :, : h - h % k or h, : w - w % k or w]
+        k = max(1, min(-(-max(h, w) // max_side), h, w))
+        first = latents[:1, :, : h - h % k, : w - w % k]
         if k > 1:
             first = first.reshape(1, first.shape[1], first.shape[2] // k, k, first.shape[3] // k, k).mean(axis=(3, 5))
         return self._decode(first, self.engines["vae_decoder"])[0]

@@ -176,8 +176,7 @@ def create_app(pipe: StableDiffusion, cfg: ServeConfig) -> FastAPI:
         preview = None
         if job is not None and not skip_current_image:
             job.preview_wanted = time.monotonic()
-            if job.preview is not None:
-                preview = base64.b64encode(png_bytes(job.preview, {})).decode()
+            preview = job.preview
         fraction, eta = 0.0, 0.0
         if job is not None and job.steps:
             fraction = job.step / job.steps

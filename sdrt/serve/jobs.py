@@ -5,6 +5,7 @@ before its turn never runs, one that goes away during its run is stopped at the 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import logging
 import threading
@@ -15,6 +16,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 import numpy as np
 
 from ..errors import first_line
+from ..image_io import png_bytes
 from ..pipeline import GenerateRequest, StableDiffusion
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ class Job:
     steps: int = 0
     started: float | None = None
     stopped_by: str | None = None  # "interrupt", "timeout" or "disconnect": the loop ends at its next step
-    preview: np.ndarray | None = None  # (h, w, 3) uint8: the latents of step `preview_step`, decoded small
+    preview: str | None = None  # base64 PNG: the latents of step `preview_step`, decoded small (encoded once, here)
     preview_step: int = 0
     preview_wanted: float = float("-inf")  # time.monotonic() of the last request for a preview
     _preview_due: float = 0.0  # the next preview waits until then (keeps previews to PREVIEW_SHARE of the time)
@@ -54,7 +56,9 @@ class Job:
         if now - self.preview_wanted > PREVIEW_WANTED_S or now < self._preview_due:
             return
         try:
-            self.preview, self.preview_step = pipe.preview(latents), self.step
+            image = pipe.preview(latents)  # (h, w, 3) uint8, or None
+            self.preview = None if image is None else base64.b64encode(png_bytes(image, {})).decode()
+            self.preview_step = self.step
         except Exception as exc:  # a preview never costs the image  # noqa: BLE001
             log.warning("no previews for this request: %s", first_line(exc))
             self._preview_due = float("inf")
