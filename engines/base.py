@@ -15,6 +15,7 @@ import numpy as np
 
 from sdrt.components import ComponentSpec
 from sdrt.errors import SdrtError
+from sdrt.model_info import ModelInfo
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weights")
 INT8_METHODS = ("static", "dynamic")
@@ -96,6 +97,13 @@ class Engine(Protocol):
               calibration: list[dict[str, np.ndarray]] | None = None) -> list[Path]:
         """Turn an exported graph into this backend's artifacts beside it; returns their paths.
         `static_sizes` fixes the dynamic dims; `calibration` holds recorded inputs of the component."""
+
+    @classmethod
+    def write_interop(cls, folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str,
+                      cfg: BuildConfig) -> dict[str, Any]:
+        """Write, beside the built engines in `folder`, what other runtimes need to load them (links
+        rather than copies of weights) -> manifest fields: "links" ({path: target path}) and a record per
+        runtime; {} where there is nothing to add. `scheduler` is the one sdrt generates with by default."""
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:

@@ -16,6 +16,7 @@ import onnxruntime as ort
 from sdrt.components import ComponentSpec
 from sdrt.cpu import usable_cores
 from sdrt.errors import SdrtError
+from sdrt.model_info import ModelInfo
 
 from .base import BuildConfig, LoadConfig, check_feeds
 
@@ -165,6 +166,11 @@ class OnnxRuntimeEngine:
         """The graph optimised for `device` at build time, else the portable graph."""
         optimized = component_dir / optimized_name(device)
         return optimized if optimized.exists() else component_dir / "model.onnx"
+
+    @classmethod
+    def write_interop(cls, folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str,
+                      cfg: BuildConfig) -> dict:
+        return {}  # every component's portable model.onnx is what other ONNX Runtime programs load
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:

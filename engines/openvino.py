@@ -32,6 +32,7 @@ from sdrt.components import ComponentSpec
 from sdrt.cpu import cpu_description, usable_cores
 from sdrt.errors import SdrtError, first_line
 from sdrt.files import locked
+from sdrt.model_info import ModelInfo
 
 from .base import BuildConfig, LoadConfig, check_feeds
 from .cache import cache_root
@@ -179,6 +180,15 @@ class OpenVinoEngine:
                 ignored_scope=nncf.IgnoredScope(names=matmuls, patterns=list(cfg.int8_ignore), validate=False),
                 advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alpha=alpha),
             )
+
+    @classmethod
+    def write_interop(cls, folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str,
+                      cfg: BuildConfig) -> dict:
+        """The OpenVINO GenAI view of the folder (engines/openvino_genai.py)."""
+        from .openvino_genai import write_view
+
+        return write_view(folder, model_dir, info, scheduler_config, scheduler, cls.compute_type(cfg.precision, cfg.device),
+                          static=cfg.static_shape is not None)
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:

@@ -32,7 +32,7 @@ from sdrt.image_io import usual_mode
 from sdrt.manifest import MANIFEST, file_sha256, hash_files, write_manifest
 from sdrt.model_info import ModelInfo, read_json, read_model_info, scheduler_config_path
 from sdrt.pipeline import StableDiffusion
-from sdrt.schedulers import DIFFUSERS_CLASS_NAMES, default_scheduler_name, make_scheduler
+from sdrt.schedulers import DIFFUSERS_CLASS_NAMES, default_scheduler_name, make_scheduler, resolve_scheduler
 from sdrt.tasks import model_tasks
 from sdrt.tokenizer import TOKENIZER_FILES, CLIPTokenizer
 
@@ -343,6 +343,8 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
         for name in TOKENIZER_FILES:
             if (model_dir / "tokenizer" / name).is_file():
                 shutil.copy2(model_dir / "tokenizer" / name, tok_dir / name)
+        recommended, _ = resolve_scheduler(defaults.get("scheduler") or default_scheduler_name(scheduler_config), False)
+        interop = engine.write_interop(staging, model_dir, info, scheduler_config, recommended, cfg)
 
         accuracy = {"reference": True} if (cfg.backend, cfg.precision) == ("onnxruntime", "fp32") else None
         eval_prompts = list(prompt_sets.get("evaluation", prompts.EVALUATION))[: cfg.accuracy_prompts]
@@ -388,7 +390,8 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
             "export_cache": "hit" if export_hit else "miss",
             "components": components,
             "accuracy": accuracy,
-            "files": hash_files(staging, [p for p in staging.rglob("*") if p.is_file()], known=known),
+            "files": hash_files(staging, [p for p in staging.rglob("*") if p.is_file() and not p.is_symlink()], known=known),
+            **interop,  # links, and what other runtimes need to know to load the folder
         }
         log.info("writing %s", out)
         write_manifest(staging, manifest)

@@ -3,7 +3,8 @@
 `load_manifest` refuses a folder whose format version, own content hash or file hashes do not
 match, so that `sdrt generate` never runs engines, or math settings (scaling factor, scheduler
 betas, prediction type, ...), that were changed, truncated or built by another format. Paths in
-`files` must name regular files inside the folder. The hashes make an engine folder
+`files` must name regular files inside the folder; `links` (optional) names symbolic links inside it,
+each to a file `files` lists (a copy of that file in the link's place is accepted too). The hashes make an engine folder
 tamper-evident, not authentic: whoever can rewrite every hash can make any folder.
 """
 
@@ -50,12 +51,15 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
+def _inside(root: Path, rel: str) -> Path:
+    if not isinstance(rel, str) or not rel or "\\" in rel or PurePosixPath(rel).is_absolute() or any(p in ("..", ".") for p in PurePosixPath(rel).parts):
+        raise SdrtError(f"{root / MANIFEST} lists {rel!r}, which is not a path inside the engine folder; rebuild the engines with `sdrt build`")
+    return root / rel
+
+
 def engine_file(root: Path, rel: str) -> Path:
     """The file `rel` names, refused unless it is a plain relative path to a regular file inside `root`."""
-    parts = PurePosixPath(rel).parts
-    if not rel or "\\" in rel or PurePosixPath(rel).is_absolute() or any(p in ("..", ".") for p in parts):
-        raise SdrtError(f"{root / MANIFEST} lists {rel!r}, which is not a path inside the engine folder; rebuild the engines with `sdrt build`")
-    file = root / rel
+    file = _inside(root, rel)
     if file.is_symlink() or (file.exists() and not file.resolve().is_relative_to(root.resolve())):
         raise SdrtError(f"engine file {file} is a link; engine folders hold regular files only: rebuild the engines with `sdrt build`")
     if not file.is_file():
@@ -80,6 +84,28 @@ def verify_files(root: Path, manifest: dict[str, Any], paths: list[Path] | None 
             verified.remember(rel, file, files[rel])
     if verified is not None:
         verified.save()
+    if paths is None:
+        verify_links(root, manifest)
+
+
+def verify_links(root: Path, manifest: dict[str, Any]) -> None:
+    """Each link of `links` points at its listed target (a regular file in its place must hash like the target)."""
+    links = manifest.get("links") or {}
+    if not isinstance(links, dict):
+        raise SdrtError(f"{root / MANIFEST} holds the wrong type under 'links'; rebuild the engines with `sdrt build`")
+    for rel, target in links.items():
+        link, target_file = _inside(root, rel), _inside(root, target)
+        if target not in manifest["files"]:
+            raise SdrtError(f"{root / MANIFEST} links {rel!r} to {target!r}, which it does not list; rebuild the engines with `sdrt build`")
+        if link.is_symlink():
+            text = os.readlink(link)
+            if os.path.isabs(text) or os.path.normpath(link.parent / text) != os.path.normpath(target_file):
+                raise SdrtError(f"engine link {link} points to {text!r}, not {target_file.name!r}; rebuild the engines with `sdrt build`")
+        elif not link.is_file():
+            raise SdrtError(f"engine link {link} is missing; rebuild the engines with `sdrt build`")
+        elif file_sha256(link) != manifest["files"][target]:
+            raise SdrtError(f"engine file {link} (a copy of {target_file.name}) does not match its hash in {MANIFEST}; "
+                            "rebuild the engines with `sdrt build`")
 
 
 def load_manifest(root: Path, verify: bool = True) -> dict[str, Any]:

@@ -67,6 +67,26 @@ SHAPES_MODEL = Path(__file__).resolve().parents[1] / "models" / "sdrt-shapes"
 
 
 @pytest.fixture(scope="session")
+def openvino_engines(tmp_path_factory):
+    """(model kind, precision) -> OpenVINO engines of that tiny model (or of "sdrt-shapes", the shipped
+    model), built the first time a test asks and shared by the run's workers."""
+    pytest.importorskip("openvino")
+
+    def build(model: Path, precision: str, folder: Path) -> None:
+        from sdrt.engines.base import BuildConfig
+        from sdrt.exporters.build import build_engines
+
+        build_engines(model, folder, BuildConfig(backend="openvino", precision=precision, calibration_prompts=2, calibration_steps=4,
+                                                 accuracy_prompts=1, accuracy_steps=4))  # small: the suite has 5 minutes
+
+    def engines(kind: str, precision: str = "fp32") -> Path:
+        model = SHAPES_MODEL if kind == "sdrt-shapes" else _models(tmp_path_factory, (kind,))[kind]
+        return _shared(tmp_path_factory, f"engines-{kind}-openvino-{precision}", lambda folder: build(model, precision, folder))
+
+    return engines
+
+
+@pytest.fixture(scope="session")
 def shapes_engines(tmp_path_factory) -> Path:
     """onnxruntime fp32 engines of the shipped default model (models/sdrt-shapes)."""
     pytest.importorskip("diffusers")

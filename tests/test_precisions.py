@@ -23,15 +23,14 @@ from sdrt.exporters.build import build_engines  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def built(tiny_models, tmp_path_factory):
-    """kind/backend/precision -> engine folder, built once for the module."""
+def built(tiny_models, openvino_engines, tmp_path_factory):
+    """kind/backend/precision -> engine folder, built once for the module (OpenVINO ones shared with other modules)."""
     root, out = tmp_path_factory.mktemp("precisions"), {}
-    for kind, backend, precision in [("sd1", "openvino", "fp32"), ("sd2", "openvino", "fp32"), ("sd1", "openvino", "int8"),
-                                     ("sd1", "onnxruntime", "int8"), ("sd1", "openvino", "int8-weights"), ("sd2", "openvino", "fp16")] + [("sd1", "openvino", "bf16")] * NATIVE_BF16:
-        folder = root / f"{kind}-{backend}-{precision}"
-        build_engines(tiny_models[kind], folder, BuildConfig(backend=backend, precision=precision, calibration_prompts=2, calibration_steps=4,
-                                                              accuracy_prompts=1, accuracy_steps=4))  # small: the suite has 5 minutes
-        out[kind, backend, precision] = folder
+    for kind, precision in [("sd1", "fp32"), ("sd2", "fp32"), ("sd1", "int8"), ("sd1", "int8-weights"), ("sd2", "fp16")] + [("sd1", "bf16")] * NATIVE_BF16:
+        out[kind, "openvino", precision] = openvino_engines(kind, precision)
+    out["sd1", "onnxruntime", "int8"] = root / "sd1-onnxruntime-int8"
+    build_engines(tiny_models["sd1"], root / "sd1-onnxruntime-int8", BuildConfig(precision="int8", calibration_prompts=2, calibration_steps=4,
+                                                                                 accuracy_prompts=1, accuracy_steps=4))
     return out
 
 
