@@ -33,8 +33,10 @@ from .report import config_name, write_report
 
 RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v", "sd-x4-upscaler": "sd-x4-upscaler"}
 MODEL_NAMES = tuple(RANDOM_KIND)
-# baseline -> torch dtype of the diffusers pipeline; ratios are against "diffusers" (fp32), the others are further rows
-BASELINES = {"diffusers": "fp32", "diffusers-bf16": "bf16"}
+# baseline -> torch dtype of the diffusers pipeline; ratios are against "diffusers" (fp32), the others are further rows.
+# openvino-genai: OpenVINO GenAI's C++ pipeline on each openvino configuration's engine folder, a row after sdrt's
+BASELINES = {"diffusers": "fp32", "diffusers-bf16": "bf16", "openvino-genai": None}
+GENAI_TASKS = ("txt2img", "img2img", "inpaint")  # the tasks OpenVINO GenAI has pipelines for
 SHAPES = ("dynamic", "static")  # static: engines built with --static-shape HEIGHTxWIDTH (batch 1)
 ROW_KEYS = ("task", "backend", "precision", "shape", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
             "peak_rss_mb", "engine_mb", "unet_gflops", "roofline_fraction", "speedup_vs_baseline", "memory_vs_baseline")
@@ -152,7 +154,7 @@ def machine() -> dict:
 
 
 def _folder_mb(folder: Path) -> float:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) / 2**20
 
 
 def run(cfg: BenchConfig) -> dict:
@@ -160,7 +162,10 @@ def run(cfg: BenchConfig) -> dict:
     cfg.out.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg.model)
     configs = [(b, p, s) for b in cfg.backends for p in cfg.precisions for s in cfg.shapes]
-    total = 2 + (1 + len(cfg.tasks)) * len(configs) + len(cfg.baselines) * len(cfg.tasks)
+    diffusers_baselines = [b for b in cfg.baselines if BASELINES[b]]
+    genai = "openvino-genai" in cfg.baselines
+    total = 2 + (1 + len(cfg.tasks)) * len(configs) + len(diffusers_baselines) * len(cfg.tasks)
+    total += genai * len([c for c in configs if c[0] == "openvino"]) * len(set(cfg.tasks) & set(GENAI_TASKS))
     done = 0
     common = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "scheduler": cfg.scheduler, "repeat": cfg.repeat,
               "warmup": cfg.warmup, "threads": cfg.threads}
@@ -172,7 +177,7 @@ def run(cfg: BenchConfig) -> dict:
     unet_gflop = _worker({"kind": "flops", "model": model, "height": cfg.height, "width": cfg.width}, logs / "flops.log")["unet_gflop"]
     done += 1
     rows, skipped = [], []
-    for baseline in cfg.baselines:
+    for baseline in diffusers_baselines:
         for task in cfg.tasks:
             dtype = BASELINES[baseline]
             _status(done, total, f"timing the {baseline} baseline (PyTorch eager {dtype}, {task})", started)
@@ -206,6 +211,17 @@ def run(cfg: BenchConfig) -> dict:
             row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}
             rows.append(row)
             done += 1
+            if genai and backend == "openvino" and task in GENAI_TASKS:
+                _status(done, total, f"timing OpenVINO GenAI on {name}, {task}", started)
+                if (manifest.get("openvino_genai") or {}).get("loadable"):
+                    rows.append({**{k: row[k] for k in ("task", "precision", "shape", "engine_mb", "image_psnr_vs_fp32_db")},
+                                 "backend": "openvino-genai", "build_s": None,
+                                 **_worker({"kind": "openvino-genai", "engines": engines, "task": task, **common},
+                                           logs / f"time-genai-{slug}-{task}.log")})
+                else:
+                    skipped.append({"backend": "openvino-genai", "precision": precision, "shape": shape, "task": task,
+                                    "reason": (manifest.get("openvino_genai") or {}).get("why", "built before sdrt wrote OpenVINO GenAI folders")})
+                done += 1
     baselines = {r["task"]: r for r in rows if (r["backend"], r["precision"]) == ("diffusers", BASELINES["diffusers"])}
     for row in rows:
         baseline = baselines.get(row["task"])

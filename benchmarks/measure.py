@@ -4,7 +4,7 @@ a fresh one per configuration so that peak memory belongs to that configuration 
     python -m sdrt.benchmarks.measure '{"kind": "sdrt", "engines": ..., ...}'   -> one JSON line
 
 Kinds: "sdrt" (an engine folder), "diffusers" (the baseline: the task's diffusers pipeline, PyTorch
-eager fp32 or bf16), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
+eager fp32 or bf16), "openvino-genai" (OpenVINO GenAI's pipeline on an openvino engine folder), "gemm" (this machine's fp32 GEMM rate), "flops" (U-Net FLOPs per step, torch's counter).
 Tasks: txt2img, img2img (strength 0.8), inpaint (the middle half masked, strength 1.0), depth (depth
 estimated by the model's DPT), upscale (a quarter-size input), unclip: the inputs are the same picture
 for sdrt and diffusers; the last three need a model of that kind (--model).
@@ -192,6 +192,59 @@ def measure_diffusers(a: dict) -> dict:
     }
 
 
+GENAI_PIPELINES = {"txt2img": "Text2ImagePipeline", "img2img": "Image2ImagePipeline", "inpaint": "InpaintingPipeline"}
+
+
+def measure_genai(a: dict) -> dict:
+    """OpenVINO GenAI's C++ pipeline on an sdrt openvino engine folder: the same IR, threads, precision and
+    model cache as sdrt's row, GenAI's loop (and its scheduler where it lacks the bench's: Euler)."""
+    import openvino as ov
+    import openvino_genai as g
+
+    from sdrt.cpu import usable_cores
+    from sdrt.engines.cache import cache_root
+    from sdrt.engines.openvino_genai import SCHEDULERS
+
+    folder = Path(a["engines"])
+    record = json.loads((folder / "manifest.json").read_text())["openvino_genai"]
+    properties = {**record["properties"], "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": a["threads"] or usable_cores(),
+                  "CACHE_DIR": str(cache_root() / "openvino")}
+    loads, pipe = [], None
+    for _ in range(2):  # cold (GenAI's own entries in the model cache made), then warm
+        del pipe
+        started = time.perf_counter()
+        pipe = getattr(g, GENAI_PIPELINES[a["task"]])(str(folder), "CPU", **properties)
+        loads.append(time.perf_counter() - started)
+    scheduler = a["scheduler"] if a["scheduler"] in SCHEDULERS else "euler"
+    kind = getattr(g.Scheduler.Type, SCHEDULERS[scheduler][1])
+    pipe.set_scheduler(g.Scheduler.from_config(str(folder / "scheduler" / "scheduler_config.json"), kind))
+    inputs = task_inputs(a["task"], a["height"], a["width"])
+    images = [ov.Tensor(np.asarray(inputs[k].convert("RGB"))[None]) for k in ("init_image", "image", "mask") if k in inputs]  # (1, H, W, 3) uint8
+
+    def run():
+        pipe.generate(PROMPT, *images, width=a["width"], height=a["height"], num_inference_steps=a["steps"], guidance_scale=7.5,
+                      generator=g.TorchGenerator(0), **({"strength": 0.8} if a["task"] == "img2img" else {}))
+        return pipe.get_performance_metrics()
+
+    for _ in range(a["warmup"]):
+        run()
+    e2e, unet, text, decode, encode = [], [], [], [], []
+    for _ in range(a["repeat"]):
+        started = time.perf_counter()
+        metrics = run()
+        e2e.append(time.perf_counter() - started)
+        unet += [us / 1e6 for us in metrics.raw_metrics.unet_inference_durations]
+        text.append(sum(metrics.get_text_encoder_infer_duration().values()) / 1e3)
+        decode.append(metrics.get_vae_decoder_infer_duration() / 1e3)
+        encode.append(metrics.get_vae_encoder_infer_duration() / 1e3)
+    return {
+        "load_s": loads[0], "load_warm_s": loads[1], "scheduler": scheduler,
+        "text_encoder_s": statistics.median(text), "unet_step_s": statistics.median(unet), "unet_step_p90_s": _p90(unet),
+        "vae_decode_s": statistics.median(decode), "vae_encode_s": statistics.median(encode) if images else None,
+        "e2e_s": statistics.median(e2e), "peak_rss_mb": _peak_rss_mb(),
+    }
+
+
 def measure_gemm(a: dict) -> dict:
     """fp32 GEMM GFLOP/s with the same thread count: the roofline the U-Net rows are held against."""
     import torch
@@ -237,7 +290,8 @@ def measure_flops(a: dict) -> dict:
 
 def main() -> None:
     args = json.loads(sys.argv[1])
-    measure = {"sdrt": measure_sdrt, "diffusers": measure_diffusers, "gemm": measure_gemm, "flops": measure_flops}[args["kind"]]
+    measure = {"sdrt": measure_sdrt, "diffusers": measure_diffusers, "openvino-genai": measure_genai, "gemm": measure_gemm,
+               "flops": measure_flops}[args["kind"]]
     print(json.dumps(measure(args)), flush=True)
 
 

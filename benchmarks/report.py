@@ -34,6 +34,8 @@ def config_name(backend: str, precision: str, shape: str = "dynamic") -> str:
 def _label(row: dict) -> str:
     if row["backend"] == "diffusers":
         return f"diffusers (PyTorch eager {row['precision']})"
+    if row["backend"] == "openvino-genai":
+        return f"OpenVINO GenAI on sdrt's openvino {row['precision']} engines ({row['scheduler']})"
     return "sdrt " + config_name(row["backend"], row["precision"], row.get("shape", "dynamic"))
 
 
@@ -62,7 +64,8 @@ def markdown(results: dict) -> str:
                 cells.append(_fmt(row.get(key), key))
         lines.append("| " + " | ".join(cells) + " |")
     for skip in results.get("skipped", []):
-        lines.append(f"\nNot built: {config_name(skip['backend'], skip['precision'], skip.get('shape', 'dynamic'))}: {skip['reason']}")
+        what = "Not run" if skip.get("task") else "Not built"
+        lines.append(f"\n{what}: {config_name(skip['backend'], skip['precision'], skip.get('shape', 'dynamic'))}: {skip['reason']}")
     return "\n".join(lines) + "\n"
 
 

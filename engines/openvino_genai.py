@@ -32,8 +32,9 @@ XML, BIN = "openvino_model.xml", "openvino_model.bin"
 COMPONENTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}  # GenAI's -> the model's folder
 # sdrt's name -> the class GenAI runs the same way. Not LMS: GenAI 2026.4's LMS_DISCRETE type is DDIM's value (the
 # config's LMSDiscreteScheduler runs DDIM); not DPM++ 2M or TCD, which GenAI lacks.
-SCHEDULERS = {"euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler", "ddim": "DDIMScheduler",
-              "pndm": "PNDMScheduler", "lcm": "LCMScheduler"}
+# -> (diffusers class name, for the config; GenAI's Scheduler.Type member, to pick it in code)
+SCHEDULERS = {"euler": ("EulerDiscreteScheduler", "EULER_DISCRETE"), "euler_a": ("EulerAncestralDiscreteScheduler", "EULER_ANCESTRAL_DISCRETE"),
+              "ddim": ("DDIMScheduler", "DDIM"), "pndm": ("PNDMScheduler", "PNDM"), "lcm": ("LCMScheduler", "LCM")}
 FALLBACK_SCHEDULER = "euler"
 
 
@@ -124,13 +125,13 @@ def write_view(folder: Path, model_dir: Path, info: ModelInfo, scheduler_config:
     same_as = genai_scheduler(scheduler, scheduler_config)
     _write_json(folder / "model_index.json", {
         "_class_name": pipeline,
-        "scheduler": ["diffusers", SCHEDULERS[same_as]],
+        "scheduler": ["diffusers", SCHEDULERS[same_as][0]],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })
-    _write_json(folder / "scheduler" / "scheduler_config.json", {**scheduler_config, "_class_name": SCHEDULERS[same_as]})
+    _write_json(folder / "scheduler" / "scheduler_config.json", {**scheduler_config, "_class_name": SCHEDULERS[same_as][0]})
     links = {}
     for name, source in COMPONENTS.items():
         config = json.loads((model_dir / source / "config.json").read_text(encoding="utf-8"))
@@ -146,7 +147,7 @@ def write_view(folder: Path, model_dir: Path, info: ModelInfo, scheduler_config:
     return {"links": links, "openvino_genai": {
         "loadable": True,
         "pipeline": pipeline,
-        "scheduler": SCHEDULERS[same_as],
+        "scheduler": SCHEDULERS[same_as][0],
         "sdrt_scheduler": same_as,  # `sdrt generate --scheduler` giving GenAI's default scheduler
         "properties": {"INFERENCE_PRECISION_HINT": compute},  # pass when creating the pipeline: sdrt's arithmetic
     }}

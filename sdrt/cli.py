@@ -281,6 +281,13 @@ def _info(args: argparse.Namespace) -> None:
           f"({manifest['scheduler_config'].get('timestep_spacing', '?')} spacing)")
     compute = f", float arithmetic in {backend['compute']}" if backend.get("compute") else ""
     print(f"backend:     {backend['name']} {backend['version']} on {backend['device']}, precision {manifest['precision']}{compute}")
+    genai = manifest.get("openvino_genai")
+    if genai and genai["loadable"]:
+        properties = ", ".join(f"{k}={v}" for k, v in genai["properties"].items())
+        print(f"embedding:   OpenVINO GenAI loads this folder ({genai['pipeline']}; its scheduler {genai['scheduler']} is sdrt's "
+              f"{genai['sdrt_scheduler']}); create its pipelines with {properties} to compute as sdrt does")
+    elif genai:
+        print(f"embedding:   OpenVINO GenAI cannot load this folder: {genai['why']}")
     if manifest.get("static_shape"):
         s = manifest["static_shape"]
         print(f"static:      {s['height']}x{s['width']}, {s['batch']} image(s) per prompt")
@@ -365,7 +372,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=None, help="default: the model's recommendation, else its sample size")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--noise", default="torch", choices=NOISE_KINDS, help="torch: same noise as torch.randn for a seed (default)")
+    g.add_argument("--noise", default="torch", choices=NOISE_KINDS, help="torch: same noise as torch.randn for a seed (default); cpp-std: as OpenVINO GenAI's "
+                   "CppStdGenerator (std::mt19937, libstdc++), its default in C++")
     g.add_argument("--batch-noise", default="shared", choices=BATCH_NOISE,
                    help="shared: one generator for all --num-images (diffusers' way, default); per-image: image i uses seed + i "
                         "(the WebUI's way: each image can be made again alone)")
@@ -466,7 +474,8 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--threads", type=int, default=0, help="threads for every configuration and the baseline (0: all cores)")
     bn.add_argument("--baseline", default="diffusers",
                     help="diffusers (PyTorch eager fp32, default; speed-ups and memory ratios are against it), diffusers-bf16 "
-                         "(eager bfloat16, a further row), comma-separated; or none")
+                         "(eager bfloat16, a further row), openvino-genai (OpenVINO GenAI's C++ pipeline on each openvino "
+                         "configuration's engines, a row after sdrt's), comma-separated; or none")
     bn.add_argument("--build-arg", action="append", default=[], help="extra argument for `sdrt build` (repeatable), e.g. --build-arg=--reference-size=256x256")
     bn.set_defaults(func=_bench)
 

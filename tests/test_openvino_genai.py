@@ -21,11 +21,10 @@ pytest.importorskip("torch")
 
 from sdrt.engines.openvino_genai import SCHEDULERS, genai_scheduler  # noqa: E402
 from sdrt.manifest import write_manifest  # noqa: E402
+from sdrt.noise import CppStdNoise  # noqa: E402
 from sdrt.pipeline import GenerateRequest, StableDiffusion  # noqa: E402
 
 MIN_PSNR = 40
-TYPES = {"EulerDiscreteScheduler": "EULER_DISCRETE", "EulerAncestralDiscreteScheduler": "EULER_ANCESTRAL_DISCRETE", "DDIMScheduler": "DDIM",
-         "PNDMScheduler": "PNDM", "LCMScheduler": "LCM"}
 PROMPT, NEGATIVE = "A red Circle, on a blue square!", "green"
 
 
@@ -34,9 +33,13 @@ def _genai(pipeline_class, folder, scheduler: str | None = None):
     properties = json.loads((folder / "manifest.json").read_text())["openvino_genai"]["properties"]
     pipe = pipeline_class(str(folder), "CPU", **properties)
     if scheduler:
-        kind = getattr(g.Scheduler.Type, TYPES[SCHEDULERS[scheduler]])
-        pipe.set_scheduler(g.Scheduler.from_config(str(folder / "scheduler" / "scheduler_config.json"), kind))
+        _set_scheduler(pipe, folder, scheduler)
     return pipe
+
+
+def _set_scheduler(pipe, folder, scheduler: str) -> None:
+    kind = getattr(g.Scheduler.Type, SCHEDULERS[scheduler][1])
+    pipe.set_scheduler(g.Scheduler.from_config(str(folder / "scheduler" / "scheduler_config.json"), kind))
 
 
 def _sdrt(folder, **request):
@@ -59,11 +62,27 @@ def test_text_to_image_matches_sdrt(kind, schedulers, openvino_engines):
     folder = openvino_engines(kind)
     pipe = _genai(g.Text2ImagePipeline, folder)
     for scheduler in schedulers:
-        pipe.set_scheduler(g.Scheduler.from_config(str(folder / "scheduler" / "scheduler_config.json"),
-                                                   getattr(g.Scheduler.Type, TYPES[SCHEDULERS[scheduler]])))
+        _set_scheduler(pipe, folder, scheduler)
         theirs = pipe.generate(PROMPT, negative_prompt=NEGATIVE, width=48, height=32, num_inference_steps=12, guidance_scale=7.5,
                                generator=g.TorchGenerator(5)).data[0]
         _same(theirs, _sdrt(folder, width=48, height=32, steps=12, guidance=7.5, seed=5, scheduler=scheduler))
+
+
+def test_cpp_std_noise_is_genais_cpp_generator():
+    """Element for element (glibc's logf, as libstdc++ uses), with the stream continued across calls of odd sizes."""
+    for seed in (0, 42, 2**32 - 1):
+        theirs, ours = g.CppStdGenerator(seed), CppStdNoise(seed)
+        for shape in ((1, 4, 8, 8), (3,), (1,), (2, 4, 5, 7), (1, 4, 64, 64)):
+            np.testing.assert_array_equal(ours.randn(shape), np.asarray(theirs.randn_tensor(ov.Shape(list(shape))).data))
+
+
+def test_genai_in_cpp_defaults_matches_cpp_std_noise(openvino_engines):
+    """What a C++ program gets with GenAI's default generator, CppStdGenerator(seed): `--noise cpp-std`."""
+    folder = openvino_engines("sd1")
+    pipe = _genai(g.Text2ImagePipeline, folder, "euler_a")  # a noise draw every step too
+    theirs = pipe.generate(PROMPT, negative_prompt=NEGATIVE, width=48, height=32, num_inference_steps=10,
+                           generator=g.CppStdGenerator(9)).data[0]
+    _same(theirs, _sdrt(folder, width=48, height=32, steps=10, guidance=7.5, seed=9, scheduler="euler_a", noise="cpp-std"))
 
 
 @pytest.mark.parametrize("kind,scheduler,refusal", [("sd1", "ddim", "clip_sample"), ("sd2", "pndm", "skip_prk_steps")])
@@ -78,13 +97,13 @@ def test_the_view_never_names_a_scheduler_genai_refuses(kind, scheduler, refusal
 
 
 def test_the_default_model_by_default(openvino_engines):
-    """Nothing set but prompt and seed: GenAI runs the folder's scheduler (Euler: GenAI lacks the model's DPM++ 2M) at the
-    model's size with its own defaults; sdrt with the scheduler the manifest names and the same numbers."""
+    """Nothing set but prompt, seed and steps: GenAI runs the folder's scheduler (Euler: GenAI lacks the model's DPM++ 2M) at
+    the model's size with its own defaults (guidance 7.5); sdrt with the scheduler the manifest names and the same numbers."""
     folder = openvino_engines("sdrt-shapes")
     record = json.loads((folder / "manifest.json").read_text())["openvino_genai"]
     assert record["scheduler"] == "EulerDiscreteScheduler" and record["sdrt_scheduler"] == "euler"
-    theirs = _genai(g.Text2ImagePipeline, folder).generate("a red circle", generator=g.TorchGenerator(3)).data[0]
-    ours = _sdrt(folder, prompt="a red circle", negative_prompt="", seed=3, scheduler="euler", steps=50, guidance=7.5)
+    theirs = _genai(g.Text2ImagePipeline, folder).generate("a red circle", num_inference_steps=20, generator=g.TorchGenerator(3)).data[0]
+    ours = _sdrt(folder, prompt="a red circle", negative_prompt="", seed=3, scheduler="euler", steps=20, guidance=7.5)
     assert theirs.shape == (64, 64, 3)
     _same(theirs, ours)
 
@@ -160,7 +179,8 @@ def test_the_view_shares_the_weights_and_is_checked(openvino_engines, tmp_path):
     assert "unet/openvino_model.xml" in manifest["files"] and "tokenizer/openvino_tokenizer.xml" in manifest["files"]
     unet = ov.Core().read_model(str(folder / "unet" / "openvino_model.xml"))
     assert {i.get_any_name(): i.get_element_type().get_type_name() for i in unet.inputs}["timestep"] == "i64"
-    assert sdrt("info", folder).returncode == 0
+    info = sdrt("info", folder)
+    assert info.returncode == 0 and "OpenVINO GenAI loads this folder (StableDiffusionPipeline" in info.stdout
 
     copied = tmp_path / "copied"  # links followed by the copy: regular files in their place, checked against the targets
     shutil.copytree(folder, copied)
@@ -187,3 +207,18 @@ def test_a_folder_without_the_view_still_generates(openvino_engines, tmp_path):
     assert sdrt("info", folder).returncode == 0
     result = sdrt("generate", folder, "--prompt", "x", "--steps", "2", "--output", tmp_path / "x.png")
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("task", ["txt2img", "img2img"])
+def test_bench_times_genai_on_the_same_engines(task, openvino_engines):
+    """The bench's openvino-genai row (measured in its own process, as `sdrt bench --baseline openvino-genai` does)."""
+    args = {"kind": "openvino-genai", "engines": str(openvino_engines("sd1")), "task": task, "height": 16, "width": 16, "steps": 3,
+            "scheduler": "dpmpp_2m", "repeat": 1, "warmup": 1, "threads": 1}
+    result = subprocess.run([sys.executable, "-m", "sdrt.benchmarks.measure", json.dumps(args)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["scheduler"] == "euler"  # GenAI has no DPM++ 2M
+    for key in ("load_s", "load_warm_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s", "peak_rss_mb"):
+        assert isinstance(row[key], float) and row[key] >= 0, key
+    assert row["unet_step_s"] > 0 and row["e2e_s"] > 3 * row["unet_step_s"]
+    assert (row["vae_encode_s"] is None) == (task == "txt2img")
