@@ -17,6 +17,8 @@ from sdrt.components import ComponentSpec
 from sdrt.errors import SdrtError
 from sdrt.model_info import ModelInfo
 
+from .cache import BuildCache
+
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-weights")
 INT8_METHODS = ("static", "dynamic")
 
@@ -100,10 +102,11 @@ class Engine(Protocol):
 
     @classmethod
     def write_interop(cls, folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str,
-                      cfg: BuildConfig) -> dict[str, Any]:
+                      cfg: BuildConfig, cache: BuildCache) -> dict[str, Any]:
         """Write, beside the built engines in `folder`, what other runtimes need to load them (links
         rather than copies of weights) -> manifest fields: "links" ({path: target path}) and a record per
-        runtime; {} where there is nothing to add. `scheduler` is the one sdrt generates with by default."""
+        runtime; {} where there is nothing to add. `scheduler` is the one sdrt generates with by default;
+        `cache` keeps what is slow to remake."""
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:

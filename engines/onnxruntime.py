@@ -19,6 +19,7 @@ from sdrt.errors import SdrtError
 from sdrt.model_info import ModelInfo
 
 from .base import BuildConfig, LoadConfig, check_feeds
+from .cache import BuildCache
 
 DEVICES = {
     "cpu": ["CPUExecutionProvider"],
@@ -169,7 +170,7 @@ class OnnxRuntimeEngine:
 
     @classmethod
     def write_interop(cls, folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str,
-                      cfg: BuildConfig) -> dict:
+                      cfg: BuildConfig, cache: BuildCache) -> dict:
         return {}  # every component's portable model.onnx is what other ONNX Runtime programs load
 
     @classmethod

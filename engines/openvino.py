@@ -35,7 +35,7 @@ from sdrt.files import locked
 from sdrt.model_info import ModelInfo
 
 from .base import BuildConfig, LoadConfig, check_feeds
-from .cache import cache_root
+from .cache import BuildCache, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +183,12 @@ class OpenVinoEngine:
 
     @classmethod
     def write_interop(cls, folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str,
-                      cfg: BuildConfig) -> dict:
+                      cfg: BuildConfig, cache: BuildCache) -> dict:
         """The OpenVINO GenAI view of the folder (engines/openvino_genai.py)."""
         from .openvino_genai import write_view
 
         return write_view(folder, model_dir, info, scheduler_config, scheduler, cls.compute_type(cfg.precision, cfg.device),
-                          static=cfg.static_shape is not None)
+                          static=cfg.static_shape is not None, cache=cache)
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:

@@ -25,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from sdrt.errors import SdrtError
+from sdrt.manifest import file_sha256
 from sdrt.model_info import ModelInfo
 from sdrt.tasks import model_tasks
+
+from .cache import BuildCache, cache_key
 
 XML, BIN = "openvino_model.xml", "openvino_model.bin"
 COMPONENTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}  # GenAI's -> the model's folder
@@ -101,20 +104,29 @@ def int64_timestep(xml: Path, out: Path) -> None:
     tree.write(out, encoding="utf-8", xml_declaration=True)
 
 
-def _convert_tokenizer(model_dir: Path, out: Path) -> None:
+def _convert_tokenizer(model_dir: Path, out: Path, cache: BuildCache) -> None:
+    """tokenizer/openvino_(de)tokenizer.xml + .bin, by openvino-tokenizers from the model's tokenizer files
+    (cached by their content and the converter's versions: a conversion takes seconds)."""
     try:
         import openvino as ov
-        from openvino_tokenizers import convert_tokenizer
-        from transformers import AutoTokenizer
+        import openvino_tokenizers
+        import transformers
     except ImportError as exc:
         raise SdrtError(f"the OpenVINO GenAI files need {exc.name}: pip install 'sdrt[openvino,export]'") from None
-    tokenizer, detokenizer = convert_tokenizer(AutoTokenizer.from_pretrained(model_dir / "tokenizer"), with_detokenizer=True)
+    sources = sorted(p for p in (model_dir / "tokenizer").iterdir() if p.is_file())
+    key = cache_key("genai-tokenizer", files={p.name: file_sha256(p) for p in sources},
+                    versions=[ov.get_version(), openvino_tokenizers.__version__, transformers.__version__])
+    if cache.fetch(key, out) is not None:
+        return
+    tokenizer, detokenizer = openvino_tokenizers.convert_tokenizer(transformers.AutoTokenizer.from_pretrained(model_dir / "tokenizer"),
+                                                                   with_detokenizer=True)
     ov.save_model(tokenizer, str(out / "openvino_tokenizer.xml"))
     ov.save_model(detokenizer, str(out / "openvino_detokenizer.xml"))
+    cache.store(key, [out / f"openvino_{kind}.{ext}" for kind in ("tokenizer", "detokenizer") for ext in ("xml", "bin")])
 
 
 def write_view(folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str, compute: str,
-               static: bool) -> dict[str, Any]:
+               static: bool, cache: BuildCache) -> dict[str, Any]:
     """Write the view into `folder` (an engine folder being built from `model_dir`) -> manifest fields:
     {"links": {path: target}, "openvino_genai": {...}}; or only the reason GenAI cannot load it."""
     pipeline, why = pipeline_class(info)
@@ -143,7 +155,7 @@ def write_view(folder: Path, model_dir: Path, info: ModelInfo, scheduler_config:
             os.symlink(target, folder / name / link)
             links[f"{name}/{link}"] = f"{name}/{target}"
     int64_timestep(folder / "unet" / "model.xml", folder / "unet" / XML)
-    _convert_tokenizer(model_dir, folder / "tokenizer")
+    _convert_tokenizer(model_dir, folder / "tokenizer", cache)
     return {"links": links, "openvino_genai": {
         "loadable": True,
         "pipeline": pipeline,

@@ -344,7 +344,7 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
             if (model_dir / "tokenizer" / name).is_file():
                 shutil.copy2(model_dir / "tokenizer" / name, tok_dir / name)
         recommended, _ = resolve_scheduler(defaults.get("scheduler") or default_scheduler_name(scheduler_config), False)
-        interop = engine.write_interop(staging, model_dir, info, scheduler_config, recommended, cfg)
+        interop = engine.write_interop(staging, model_dir, info, scheduler_config, recommended, cfg, cache)
 
         accuracy = {"reference": True} if (cfg.backend, cfg.precision) == ("onnxruntime", "fp32") else None
         eval_prompts = list(prompt_sets.get("evaluation", prompts.EVALUATION))[: cfg.accuracy_prompts]

@@ -3,9 +3,10 @@
 `load_manifest` refuses a folder whose format version, own content hash or file hashes do not
 match, so that `sdrt generate` never runs engines, or math settings (scaling factor, scheduler
 betas, prediction type, ...), that were changed, truncated or built by another format. Paths in
-`files` must name regular files inside the folder; `links` (optional) names symbolic links inside it,
-each to a file `files` lists (a copy of that file in the link's place is accepted too). The hashes make an engine folder
-tamper-evident, not authentic: whoever can rewrite every hash can make any folder.
+`files` must name regular files inside the folder; `links` (optional) names symbolic links inside
+it, each to a file `files` lists (a copy of that file in the link's place is accepted too). The
+hashes make an engine folder tamper-evident, not authentic: whoever can rewrite every hash can
+make any folder.
 """
 
 from __future__ import annotations

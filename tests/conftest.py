@@ -11,10 +11,13 @@ import pytest
 
 
 def pytest_configure(config):
-    """Builds in tests fill a cache of their own, never the user's ~/.cache/sdrt. Each xdist worker runs on
-    a core of its own (sdrt, torch and the subprocesses it starts follow the affinity): two workers whose
-    thread pools each took every core would spin against each other."""
-    os.environ["SDRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdrt-test-cache-")
+    """Builds in tests fill a cache of their own, never the user's ~/.cache/sdrt: one per run, made by the
+    controller and shared by the xdist workers (which inherit its environment), so that a model exported on
+    one worker is not exported again on the other. Each xdist worker runs on a core of its own (sdrt,
+    torch and the subprocesses it starts follow the affinity): two workers whose thread pools each took
+    every core would spin against each other."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        os.environ["SDRT_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdrt-test-cache-")
     worker, cores = os.environ.get("PYTEST_XDIST_WORKER", ""), sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if worker.startswith("gw") and 1 < workers <= len(cores):

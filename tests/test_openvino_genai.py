@@ -85,6 +85,16 @@ def test_genai_in_cpp_defaults_matches_cpp_std_noise(openvino_engines):
     _same(theirs, _sdrt(folder, width=48, height=32, steps=10, guidance=7.5, seed=9, scheduler="euler_a", noise="cpp-std"))
 
 
+def test_an_lcm_distilled_model_matches_sdrt(openvino_engines):
+    """Guidance enters the U-Net as an embedding (timestep_cond), no unconditional half, no negative prompt."""
+    folder = openvino_engines("sd1-lcm")
+    record = json.loads((folder / "manifest.json").read_text())["openvino_genai"]
+    assert (record["pipeline"], record["scheduler"]) == ("LatentConsistencyModelPipeline", "LCMScheduler")
+    theirs = _genai(g.Text2ImagePipeline, folder).generate(PROMPT, width=48, height=32, num_inference_steps=4, guidance_scale=7.5,
+                                                           generator=g.TorchGenerator(5)).data[0]
+    _same(theirs, _sdrt(folder, negative_prompt="", width=48, height=32, steps=4, guidance=7.5, seed=5))
+
+
 @pytest.mark.parametrize("kind,scheduler,refusal", [("sd1", "ddim", "clip_sample"), ("sd2", "pndm", "skip_prk_steps")])
 def test_the_view_never_names_a_scheduler_genai_refuses(kind, scheduler, refusal, openvino_engines):
     """GenAI refuses, when it generates, configs that make diffusers' DDIM clip or PNDM run its warm-up steps:
