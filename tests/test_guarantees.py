@@ -334,10 +334,8 @@ def test_a_cache_that_cannot_be_written_is_skipped_with_a_warning(tiny_models, t
         assert not [p for p in full.rglob("*") if p.name.startswith(".")]  # no partial entries left
 
 
-def test_openvino_without_a_writable_model_cache(tiny_models, tmp_path):
-    pytest.importorskip("openvino")
-    engines = tmp_path / "E"
-    build_engines(tiny_models["sd1"], engines, BuildConfig(backend="openvino", accuracy_prompts=0))
+def test_openvino_without_a_writable_model_cache(openvino_engines, tmp_path):
+    engines = openvino_engines("sd1")
     env = {"HOME": "/proc/self", "SDRT_CACHE_DIR": None, "XDG_CACHE_HOME": None}  # a home no one can write, not even root
     result = sdrt("generate", engines, "--prompt", "x", "--steps", "2", "--output", tmp_path / "o.png", "--quiet", env=env)
     assert result.returncode == 0, result.stderr
@@ -347,10 +345,8 @@ def test_openvino_without_a_writable_model_cache(tiny_models, tmp_path):
 # 10. processes share OpenVINO's model cache
 
 
-def test_concurrent_openvino_generates_on_a_cold_model_cache(tiny_models, tmp_path):
-    pytest.importorskip("openvino")
-    engines = tmp_path / "E"
-    build_engines(tiny_models["sd1"], engines, BuildConfig(backend="openvino", accuracy_prompts=0))
+def test_concurrent_openvino_generates_on_a_cold_model_cache(openvino_engines, tmp_path):
+    engines = openvino_engines("sd1")
     for trial in range(2):
         cache = tmp_path / f"cache-{trial}"
         runs = [sdrt_background("generate", engines, "--prompt", "a red circle", "--steps", "2", "--output", tmp_path / f"{trial}-{i}.png",
