@@ -79,7 +79,7 @@ def openvino_engines(tmp_path_factory):
         from sdrt.engines.base import BuildConfig
         from sdrt.exporters.build import build_engines
 
-        build_engines(model, folder, BuildConfig(backend="openvino", precision=precision, calibration_prompts=2, calibration_steps=4,
+        build_engines(model, folder, BuildConfig(backend="openvino", precision=precision, calibration_prompts=1, calibration_steps=4,
                                                  accuracy_prompts=accuracy_prompts, accuracy_steps=4))  # small: the suite has 5 minutes
 
     def engines(kind: str, precision: str = "fp32") -> Path:

@@ -22,14 +22,22 @@ from sdrt.exporters.build import build_engines  # noqa: E402
 
 @pytest.fixture(scope="module")
 def built(tiny_models, openvino_engines, tmp_path_factory):
-    """kind/backend/precision -> engine folder, built once for the module (OpenVINO ones shared with other modules)."""
-    root, out = tmp_path_factory.mktemp("precisions"), {}
-    for kind, precision in [("sd1", "fp32"), ("sd2", "fp32"), ("sd1", "int8"), ("sd1", "int8-weights"), ("sd2", "fp16")] + [("sd1", "bf16")] * NATIVE_BF16:
-        out[kind, "openvino", precision] = openvino_engines(kind, precision)
-    out["sd1", "onnxruntime", "int8"] = root / "sd1-onnxruntime-int8"
-    build_engines(tiny_models["sd1"], root / "sd1-onnxruntime-int8", BuildConfig(precision="int8", calibration_prompts=2, calibration_steps=4,
-                                                                                 accuracy_prompts=1, accuracy_steps=4))
-    return out
+    """kind/backend/precision -> engine folder, built when a test first asks for it (the OpenVINO ones are shared
+    with other modules, and a worker waits only for what its test needs)."""
+    root = tmp_path_factory.mktemp("precisions")
+
+    class Built(dict):
+        def __missing__(self, key):
+            kind, backend, precision = key
+            if backend == "openvino":
+                self[key] = openvino_engines(kind, precision)
+            else:
+                self[key] = root / "-".join(key)
+                build_engines(tiny_models[kind], self[key], BuildConfig(precision=precision, calibration_prompts=2, calibration_steps=4,
+                                                                        accuracy_prompts=1, accuracy_steps=4))  # small: the suite has 5 minutes
+            return self[key]
+
+    return Built()
 
 
 @pytest.mark.parametrize("kind,scheduler", [("sd1", "dpmpp_2m"), ("sd1", "euler_a"), ("sd2", "ddim")])
