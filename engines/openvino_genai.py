@@ -33,9 +33,9 @@ from .cache import BuildCache, cache_key
 
 XML, BIN = "openvino_model.xml", "openvino_model.bin"
 COMPONENTS = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}  # GenAI's -> the model's folder
-# sdrt's name -> the class GenAI runs the same way. Not LMS: GenAI 2026.4's LMS_DISCRETE type is DDIM's value (the
-# config's LMSDiscreteScheduler runs DDIM); not DPM++ 2M or TCD, which GenAI lacks.
-# -> (diffusers class name, for the config; GenAI's Scheduler.Type member, to pick it in code)
+# sdrt's name -> (diffusers class name, for the config; GenAI's Scheduler.Type member, to pick it in code) of the
+# schedulers GenAI runs as sdrt does. Not LMS: GenAI 2026.4's LMS_DISCRETE type has DDIM's value (a config naming
+# LMSDiscreteScheduler runs DDIM); not DPM++ 2M or TCD, which GenAI lacks.
 SCHEDULERS = {"euler": ("EulerDiscreteScheduler", "EULER_DISCRETE"), "euler_a": ("EulerAncestralDiscreteScheduler", "EULER_ANCESTRAL_DISCRETE"),
               "ddim": ("DDIMScheduler", "DDIM"), "pndm": ("PNDMScheduler", "PNDM"), "lcm": ("LCMScheduler", "LCM")}
 FALLBACK_SCHEDULER = "euler"

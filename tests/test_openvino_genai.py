@@ -30,10 +30,10 @@ MIN_PSNR = 40
 PROMPT, NEGATIVE = "A red Circle, on a blue square!", "green"
 
 
-def _genai(pipeline_class, folder, scheduler: str | None = None):
-    """A GenAI pipeline on the folder with the properties its manifest records, and `scheduler` (sdrt's name) set."""
+def _genai(cls, folder, scheduler: str | None = None):
+    """A GenAI pipeline of class `cls` on the folder with the properties its manifest records, and `scheduler` (sdrt's name) set."""
     properties = json.loads((folder / "manifest.json").read_text())["openvino_genai"]["properties"]
-    pipe = pipeline_class(str(folder), "CPU", **properties)
+    pipe = cls(str(folder), "CPU", **properties)
     if scheduler:
         _set_scheduler(pipe, folder, scheduler)
     return pipe
