@@ -42,6 +42,7 @@ def test_bench_smoke(tmp_path):
         assert row["unet_step_p90_s"] >= row["unet_step_s"]
         if row["backend"] != "diffusers":  # warm loads with each --verify mode (issue 16)
             assert row["load_warm_verify_always_s"] > 0 and row["load_warm_verify_changed_s"] > 0
+            assert row["load_verify_alone_s"] > 0 and set(row["load_engine_alone_s"]) == {"text_encoder", "unet", "vae_decoder"}
     assert rows["diffusers", "fp32", "dynamic"]["speedup_vs_baseline"] == 1.0 and rows["diffusers", "fp32", "dynamic"]["build_s"] is None
     assert rows["onnxruntime", "fp32", "dynamic"]["engine_mb"] > 0 and rows["onnxruntime", "fp32", "dynamic"]["build_s"] > 0
     report = (out / "report.md").read_text()
