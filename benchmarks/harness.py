@@ -28,7 +28,7 @@ from sdrt.cpu import cpu_description
 from sdrt.engines.cache import cache_root
 from sdrt.errors import SdrtError
 
-from .measure import TASKS
+from .measure import GENAI_PIPELINES, TASKS
 from .report import config_name, write_report
 
 RANDOM_KIND = {"tiny": "sd1", "sd15": "sd15", "sd21-base": "sd21-base", "sd21-v": "sd21-v", "sd-x4-upscaler": "sd-x4-upscaler"}
@@ -36,7 +36,7 @@ MODEL_NAMES = tuple(RANDOM_KIND)
 # baseline -> torch dtype of the diffusers pipeline; ratios are against "diffusers" (fp32), the others are further rows.
 # openvino-genai: OpenVINO GenAI's C++ pipeline on each openvino configuration's engine folder, a row after sdrt's
 BASELINES = {"diffusers": "fp32", "diffusers-bf16": "bf16", "openvino-genai": None}
-GENAI_TASKS = ("txt2img", "img2img", "inpaint")  # the tasks OpenVINO GenAI has pipelines for
+GENAI_TASKS = tuple(GENAI_PIPELINES)  # the tasks OpenVINO GenAI has pipelines for
 SHAPES = ("dynamic", "static")  # static: engines built with --static-shape HEIGHTxWIDTH (batch 1)
 ROW_KEYS = ("task", "backend", "precision", "shape", "build_s", "load_s", "text_encoder_s", "unet_step_s", "unet_step_p90_s", "vae_decode_s", "e2e_s",
             "peak_rss_mb", "engine_mb", "unet_gflops", "roofline_fraction", "speedup_vs_baseline", "memory_vs_baseline")

@@ -110,8 +110,8 @@ def measure_sdrt(a: dict) -> dict:
     pipe.close()
     manifest = pipe.manifest
     backend = engine_class(manifest["backend"]["name"])
-    encoder = backend.load(Path(a["engines"]) / "vae_encoder", ComponentSpec.from_json(manifest["components"]["vae_encoder"]["spec"]),
-                           LoadConfig(threads=a["threads"], precision=manifest["precision"]))
+    folder, cfg = Path(a["engines"]), LoadConfig(threads=a["threads"], precision=manifest["precision"])
+    encoder = backend.load(folder / "vae_encoder", ComponentSpec.from_json(manifest["components"]["vae_encoder"]["spec"]), cfg)
     image = np.random.default_rng(0).uniform(-1, 1, (1, 3, a["height"], a["width"])).astype(np.float32)
     encode = []
     for _ in range(1 + a["repeat"]):
@@ -121,7 +121,6 @@ def measure_sdrt(a: dict) -> dict:
     encoder.close()
     # the warm load's parts, each alone: hashing the files it reads, then each engine's load (read and compile, or
     # read the model cache's blob); the rest of a load is the manifest, the tokenizer and the overlap of the two
-    folder, cfg = Path(a["engines"]), LoadConfig(threads=a["threads"], precision=manifest["precision"])
     started = time.perf_counter()
     verify_files(folder, manifest, [p for name in TXT2IMG_COMPONENTS for p in backend.files_to_load(folder / name, cfg)])
     verify_s, engine_s = time.perf_counter() - started, {}
@@ -208,16 +207,19 @@ GENAI_PIPELINES = {"txt2img": "Text2ImagePipeline", "img2img": "Image2ImagePipel
 
 def measure_genai(a: dict) -> dict:
     """OpenVINO GenAI's C++ pipeline on an sdrt openvino engine folder: the same IR, threads, precision and
-    model cache as sdrt's row, GenAI's loop (and its scheduler where it lacks the bench's: Euler)."""
+    model cache as sdrt's row, GenAI's loop (and, where GenAI cannot run the bench's scheduler as sdrt does, the one
+    the folder's view falls back to: Euler)."""
     import openvino as ov
     import openvino_genai as g
 
     from sdrt.cpu import usable_cores
     from sdrt.engines.cache import cache_root
-    from sdrt.engines.openvino_genai import SCHEDULERS
+    from sdrt.engines.openvino_genai import genai_scheduler, genai_scheduler_object
+    from sdrt.manifest import load_manifest
 
     folder = Path(a["engines"])
-    record = json.loads((folder / "manifest.json").read_text())["openvino_genai"]
+    manifest = load_manifest(folder, verify=False)
+    record = manifest["openvino_genai"]
     properties = {**record["properties"], "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": a["threads"] or usable_cores(),
                   "CACHE_DIR": str(cache_root() / "openvino")}
     loads, pipe = [], None
@@ -226,9 +228,8 @@ def measure_genai(a: dict) -> dict:
         started = time.perf_counter()
         pipe = getattr(g, GENAI_PIPELINES[a["task"]])(str(folder), "CPU", **properties)
         loads.append(time.perf_counter() - started)
-    scheduler = a["scheduler"] if a["scheduler"] in SCHEDULERS else "euler"
-    kind = getattr(g.Scheduler.Type, SCHEDULERS[scheduler][1])
-    pipe.set_scheduler(g.Scheduler.from_config(str(folder / "scheduler" / "scheduler_config.json"), kind))
+    scheduler = genai_scheduler(a["scheduler"], manifest["scheduler_config"])
+    pipe.set_scheduler(genai_scheduler_object(folder, scheduler))
     inputs = task_inputs(a["task"], a["height"], a["width"])
     images = [ov.Tensor(np.asarray(inputs[k].convert("RGB"))[None]) for k in ("init_image", "image", "mask") if k in inputs]  # (1, H, W, 3) uint8
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from sdrt.errors import SdrtError
 from sdrt.manifest import file_sha256
-from sdrt.model_info import ModelInfo
+from sdrt.model_info import ModelInfo, read_json
 from sdrt.tasks import model_tasks
 
 from .cache import BuildCache, cache_key
@@ -50,6 +50,15 @@ def genai_scheduler(scheduler: str, config: dict) -> str:
     if scheduler == "pndm" and not config.get("skip_prk_steps", False):
         return FALLBACK_SCHEDULER
     return scheduler if scheduler in SCHEDULERS else FALLBACK_SCHEDULER
+
+
+def genai_scheduler_object(folder: Path, scheduler: str):
+    """OpenVINO GenAI's Scheduler running sdrt's `scheduler` (a key of SCHEDULERS) from the folder's scheduler config,
+    for `pipe.set_scheduler`."""
+    import openvino_genai
+
+    kind = getattr(openvino_genai.Scheduler.Type, SCHEDULERS[scheduler][1])
+    return openvino_genai.Scheduler.from_config(str(folder / "scheduler" / "scheduler_config.json"), kind)
 
 
 def pipeline_class(info: ModelInfo) -> tuple[str | None, str]:
@@ -146,7 +155,7 @@ def write_view(folder: Path, model_dir: Path, info: ModelInfo, scheduler_config:
     _write_json(folder / "scheduler" / "scheduler_config.json", {**scheduler_config, "_class_name": SCHEDULERS[same_as][0]})
     links = {}
     for name, source in COMPONENTS.items():
-        config = json.loads((model_dir / source / "config.json").read_text(encoding="utf-8"))
+        config = read_json(model_dir / source / "config.json")
         if source == "vae":
             config["scaling_factor"] = info.scaling_factor  # what sdrt divides by (a swapped VAE keeps the model's)
         _write_json(folder / name / "config.json", config)

@@ -20,7 +20,7 @@ g = pytest.importorskip("openvino_genai")
 ov = pytest.importorskip("openvino")
 pytest.importorskip("torch")
 
-from sdrt.engines.openvino_genai import SCHEDULERS, genai_scheduler, pipeline_class  # noqa: E402
+from sdrt.engines.openvino_genai import genai_scheduler, genai_scheduler_object, pipeline_class  # noqa: E402
 from sdrt.manifest import write_manifest  # noqa: E402
 from sdrt.model_info import read_model_info  # noqa: E402
 from sdrt.noise import CppStdNoise  # noqa: E402
@@ -35,13 +35,8 @@ def _genai(cls, folder, scheduler: str | None = None):
     properties = json.loads((folder / "manifest.json").read_text())["openvino_genai"]["properties"]
     pipe = cls(str(folder), "CPU", **properties)
     if scheduler:
-        _set_scheduler(pipe, folder, scheduler)
+        pipe.set_scheduler(genai_scheduler_object(folder, scheduler))
     return pipe
-
-
-def _set_scheduler(pipe, folder, scheduler: str) -> None:
-    kind = getattr(g.Scheduler.Type, SCHEDULERS[scheduler][1])
-    pipe.set_scheduler(g.Scheduler.from_config(str(folder / "scheduler" / "scheduler_config.json"), kind))
 
 
 def _sdrt(folder, **request):
@@ -108,7 +103,7 @@ def test_text_to_image_matches_sdrt(kind, schedulers, openvino_engines):
     folder = openvino_engines(kind)
     pipe = _genai(g.Text2ImagePipeline, folder)
     for scheduler in schedulers:
-        _set_scheduler(pipe, folder, scheduler)
+        pipe.set_scheduler(genai_scheduler_object(folder, scheduler))
         theirs = pipe.generate(PROMPT, negative_prompt=NEGATIVE, width=48, height=32, num_inference_steps=8, guidance_scale=7.5,
                                generator=g.TorchGenerator(5)).data[0]
         _same(theirs, _sdrt(folder, width=48, height=32, steps=8, guidance=7.5, seed=5, scheduler=scheduler))
