@@ -23,7 +23,7 @@ from .files import remove_leftovers
 
 STRINGS = ("prompt", "negative_prompt", "scheduler")
 INTEGERS = ("steps", "seed", "height", "width", "noise_level", "tile")
-NUMBERS = ("guidance", "strength", "mask_blur")
+NUMBERS = ("guidance", "strength", "mask_blur", "guidance_cutoff")
 FILES = ("init_image", "image", "mask", "depth_map")  # paths, relative to the prompts file's folder
 FIELDS = (*STRINGS, *INTEGERS, *NUMBERS, "karras", *FILES)
 RECORD = "batch.json"

@@ -102,7 +102,8 @@ def _generate(args: argparse.Namespace) -> None:
         prompt=args.prompt or "", negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
         num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise, long_prompts=args.long_prompts,
-        strength=args.strength, mask_blur=args.mask_blur, noise_level=args.noise_level, tile=args.tile, watermark=args.watermark, **images,
+        strength=args.strength, mask_blur=args.mask_blur, noise_level=args.noise_level, tile=args.tile, watermark=args.watermark,
+        guidance_cutoff=args.guidance_cutoff, **images,
     )
     if str(req.seed) != args.seed.strip():
         print(f"seed: {req.seed}", file=sys.stderr)
@@ -390,6 +391,8 @@ def _parser() -> argparse.ArgumentParser:
                    "as Stable Diffusion's reference scripts do with SDV2; images of at least 256x256); default: none")
     g.add_argument("--tile", type=int, default=None, metavar="N", help="run the U-Net and VAE decoder on overlapping latent tiles of "
                    "at most NxN (0: never; default: 128 for x4 upscaling, else never)")
+    g.add_argument("--guidance-cutoff", type=float, default=None, metavar="F", help="classifier-free guidance for the first F of the "
+                   "steps only (0 .. 1; as diffusers' SDCFGCutoffCallback), then one U-Net pass per step instead of two; default: every step")
     g.add_argument("--noise-level", type=int, default=None, help="x4 upscaler: noise added to --image, 0 .. the model's max (default 20)")
     g.add_argument("--depth-map", metavar="FILE", help="depth to image: the depth of --init-image (greyscale, 8 or 16 bit, brighter = "
                    "nearer); default: estimated by the folder's depth estimator")

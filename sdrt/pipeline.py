@@ -43,6 +43,8 @@ from .verified import VERIFY_MODES, VerifiedFiles
 log = logging.getLogger(__name__)
 
 TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # loaded with the folder; the VAE encoder when a task first needs it
+LOAD_ORDER = ("unet", "text_encoder", "vae_decoder")  # the largest first, so that the others load beside it
+LOAD_THREADS = 2
 LONG_PROMPTS = ("truncate", "chunk")
 TILE_MIN = 8  # latent pixels: smaller tiles see too little to draw anything
 USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
@@ -74,6 +76,7 @@ class GenerateRequest:
     noise_level: int | None = None  # x4 upscaler: noise on the low-resolution image (None: 20); unCLIP: on the image embedding (None: 0)
     tile: int | None = None  # U-Net and VAE decoder on latent tiles of at most tile x tile (0: never; None: the task's default)
     watermark: str | None = None  # text embedded invisibly as SD's reference scripts do (sdrt/watermark.py); None: none
+    guidance_cutoff: float | None = None  # classifier-free guidance only up to this fraction of the steps (0 .. 1); None: all
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,16 +164,14 @@ class StableDiffusion:
             return open_engine(name)
 
         check([engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)])
-        # the next component's files are hashed while this one loads; none is opened before its own check passed
-        hasher = ThreadPoolExecutor(1, thread_name_prefix="sdrt-verify")
+        # two components at a time, each verified then opened (none before its own check passed): the U-Net's
+        # hashing or weight preparation runs beside the smaller components' (both backends release the GIL there)
+        loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="sdrt-load")
         try:
-            checked = [hasher.submit(verify_component, name) for name in TXT2IMG_COMPONENTS]
-            engines = {}
-            for name, done in zip(TXT2IMG_COMPONENTS, checked):
-                done.result()
-                engines[name] = open_engine(name)
+            loading = {name: loader.submit(load, name) for name in LOAD_ORDER}
+            engines = {name: loading[name].result() for name in TXT2IMG_COMPONENTS}
         finally:
-            hasher.shutdown(wait=False, cancel_futures=True)  # after a failed check, the rest is not hashed
+            loader.shutdown(wait=False, cancel_futures=True)  # after a failed check, what has not started is not
         info = ModelInfo.from_json({k: v for k, v in manifest["model"].items() if k != "source"})
         pipe = cls(info, manifest["scheduler_config"], CLIPTokenizer(engine_dir / "tokenizer"), engines,
                    manifest.get("defaults"), manifest.get("static_shape"))
@@ -222,6 +223,11 @@ class StableDiffusion:
             raise SdrtError(f"--guidance {s.guidance} must be a finite number >= 0")
         if s.strength is not None:
             begin_index(s.steps, s.strength)
+        if req.guidance_cutoff is not None:
+            if not 0 <= req.guidance_cutoff <= 1:
+                raise SdrtError(f"--guidance-cutoff {req.guidance_cutoff} is not accepted: a fraction of the steps, 0 .. 1")
+            if self.static_shape:
+                raise SdrtError("--guidance-cutoff needs engines with a dynamic batch; these were built with --static-shape")
         if req.tile is not None and (req.tile < 0 or 0 < req.tile < TILE_MIN):
             raise SdrtError(f"--tile {req.tile} is not accepted: 0 (no tiling) or at least {TILE_MIN} latent pixels")
         if req.watermark is not None:
@@ -297,23 +303,30 @@ class StableDiffusion:
             overlap = s.tile // 4
             unet = TiledEngine(unet, "sample", "out_sample", s.tile, overlap)
             decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, overlap, scale=f)
-        latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress, on_step)
+        latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress, on_step, req.guidance_cutoff)
         images = self._decode(latents, decoder)
         return [embed_watermark(image, req.watermark) for image in images] if req.watermark is not None else images
 
     def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool,
-                 on_step: Callable[[int, int, np.ndarray], bool] | None = None) -> np.ndarray:
-        """The loop every task shares: classifier-free guidance, the scheduler's steps from its begin index,
-        progress and cancellation. context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents (n, C, h, w) float32."""
+                 on_step: Callable[[int, int, np.ndarray], bool] | None = None, guidance_cutoff: float | None = None) -> np.ndarray:
+        """The loop every task shares: classifier-free guidance (cut off after a fraction of the steps if asked),
+        the scheduler's steps from its begin index, progress and cancellation. context: (2n, S, D) with guidance > 1,
+        else (n, S, D) -> latents (n, C, h, w) float32."""
         latents, extra, feeds = start.latents, start.unet_extra, dict(start.unet_feeds)
         n = latents.shape[0]
         guided = context.shape[0] == 2 * n
+        conditional = (context[n:], extra, feeds)  # what the U-Net gets once guidance is cut off
         if guided:  # the unconditional and conditional halves see the same image channels and labels
             extra = None if extra is None else np.concatenate([extra, extra])  # (2n, c, h, w)
             unconditional = start.unconditional_feeds or feeds
             feeds = {name: np.concatenate([unconditional[name], value]) for name, value in feeds.items()}
         steps = range(scheduler.begin, len(scheduler.timesteps))
+        # guidance cutoff as diffusers' SDCFGCutoffCallback: the step numbered int(steps x F) is the last guided one
+        last_guided = scheduler.begin + int(len(steps) * guidance_cutoff) if guidance_cutoff is not None else len(scheduler.timesteps)
         for i in tqdm(steps, desc="denoising", unit="step", disable=None if progress else True, leave=False):
+            if guided and i > last_guided:  # the conditional half alone from here: one U-Net pass of batch n
+                guided = False
+                context, extra, feeds = conditional
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, i)
             if extra is not None:
@@ -382,6 +395,7 @@ class StableDiffusion:
             "noise_level": TASKS[s.task].noise_level(req) if "noise_level" in TASKS[s.task].takes else None,
             "tile": s.tile,
             "watermark": req.watermark,
+            "guidance_cutoff": req.guidance_cutoff,
             "model_hash": model_hash(manifest) if manifest else None,
             "model": Path(manifest["model"]["source"]).stem if manifest else None,
             "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in (manifest.get("prepared") or {}).get("loras", [])],

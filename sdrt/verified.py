@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 from .engines.cache import cache_root
@@ -38,6 +39,7 @@ class VerifiedFiles:
         self._content_hash = content_hash
         self._files: dict[str, list] = {}
         self._learned = False  # whether this load hashed files the record did not vouch for
+        self._lock = threading.Lock()  # components are verified on two threads at once
         try:
             record = json.loads(self._path.read_text(encoding="utf-8"))
             if record.get("folder") == folder and record.get("manifest") == content_hash:
@@ -51,14 +53,18 @@ class VerifiedFiles:
         return entry is not None and entry[0] == sha256 and entry[1] == _identity(file)
 
     def remember(self, rel: str, file: Path, sha256: str) -> None:
-        self._files[rel] = [sha256, _identity(file)]
-        self._learned = True
+        with self._lock:
+            self._files[rel] = [sha256, _identity(file)]
+            self._learned = True
 
     def save(self) -> None:
         """Write the record (atomically) if this load learned anything; a cache that cannot be written only
         means hashing again next time."""
-        if not self._learned:
-            return
+        with self._lock:
+            if self._learned:
+                self._write()
+
+    def _write(self) -> None:
         tmp = None
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
