@@ -17,6 +17,7 @@ native bf16 is bf16, so sdrt sets INFERENCE_PRECISION_HINT at load (the IR does 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import sys
@@ -92,6 +93,14 @@ def _model_cache() -> Path | None:
                         "(set SDRT_CACHE_DIR to a writable folder)", folder, exc.strerror or exc)
         return None
     return folder
+
+
+def _blob_lock(cache: Path, xml: Path) -> Path:
+    """The lock file loads of this graph take turns on (processes and threads alike): one per graph text, so that a
+    folder's components load side by side while two loads of the same graph never read a blob half written."""
+    lock = cache / f"{hashlib.sha256(xml.read_bytes()).hexdigest()[:32]}.lock"
+    lock.touch(exist_ok=True)
+    return lock
 
 
 @contextlib.contextmanager
@@ -204,7 +213,7 @@ class OpenVinoEngine:
         cache = _model_cache()
         if cache is not None:
             try:
-                with locked(cache):  # processes take turns: one writes a blob, the others then read it
+                with locked(_blob_lock(cache, component_dir / XML)):  # one writes a graph's blob, the others then read it
                     core.set_property({"CACHE_DIR": str(cache)})
                     return cls(core.compile_model(xml, device, config).create_infer_request(), spec)
             except RuntimeError as exc:

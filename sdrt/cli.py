@@ -110,7 +110,7 @@ def _generate(args: argparse.Namespace) -> None:
     paths = output_paths(Path(args.output), args.num_images)
     check_writable(paths, args.overwrite)
     pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads),
-                                              verify=args.verify)
+                                              verify=args.verify, low_memory=args.low_memory)
     try:
         images = pipe.generate(req, progress=not args.quiet)
         for index, (image, path) in enumerate(zip(images, paths)):
@@ -403,6 +403,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--verify", default="changed", help="always: hash every engine file loaded; changed (default): only files "
                    "changed since this user last verified them; never: trust the folder")
+    g.add_argument("--low-memory", action="store_true", help="one component in memory at a time (each loaded when needed, released "
+                   "after), the backends' lowest-memory settings, the VAE decoded in tiles as diffusers' enable_tiling; slower")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("generate-batch", parents=[verbose], help="one image per line of a JSON Lines file; resumable; one "

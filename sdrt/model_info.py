@@ -46,6 +46,7 @@ class ModelInfo:
     image_embed_dim: int | None = None  # unCLIP: the image encoder's projection size (the class labels take twice that)
     image_normalizer: dict | None = None  # unCLIP: {"mean": [...], "std": [...]} of the image embeddings (filled in by the build)
     guidance_embed_dim: int | None = None  # LCM-distilled U-Nets: the guidance scale enters as an embedding of this size (timestep_cond)
+    vae_sample_size: int | None = None  # the VAE config's sample_size (pixels): the tile side of diffusers' tiled decoding; None: 512
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +121,9 @@ def read_model_info(model_dir: Path) -> ModelInfo:
     max_len = _int(tok_cfg, tok_cfg_path, "model_max_length", 1, 10**30, default=77)
     max_len = min(max_len, _int(text, paths["text_encoder"], "max_position_embeddings", 3, 4096, default=77))
     vae_scale = 2 ** (len(_ints(vae, paths["vae"], "block_out_channels", 1, MAX_CHANNELS, 6)) - 1)
+    vae_sample = vae.get("sample_size", 32)  # diffusers' default; a [height, width] list tiles by its first value, as diffusers does
+    vae_sample = _int({"sample_size": vae_sample[0] if isinstance(vae_sample, list) and vae_sample else vae_sample}, paths["vae"],
+                      "sample_size", vae_scale, MAX_SIZE)
     sample_size = unet.get("sample_size", 64)
     sizes = sample_size if isinstance(sample_size, list) and len(sample_size) == 2 else [sample_size]
     height, width = (_int({"sample_size": v}, paths["unet"], "sample_size", 1, MAX_SIZE // vae_scale) * vae_scale for v in sizes * (3 - len(sizes)))
@@ -172,5 +176,6 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         max_noise_level=_int(index, model_dir / "model_index.json", "max_noise_level", 0, 10**4, default=350) if upscaler else None,
         low_res_scheduler=read_json(model_dir / "low_res_scheduler" / "scheduler_config.json") if upscaler else None,
         guidance_embed_dim=_int(unet, paths["unet"], "time_cond_proj_dim", 1, MAX_CHANNELS) if unet.get("time_cond_proj_dim") else None,
+        vae_sample_size=vae_sample,
         **unclip_info,
     )

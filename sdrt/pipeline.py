@@ -33,7 +33,7 @@ from .schedulers import default_scheduler_name, make_scheduler, resolve_schedule
 from .schedulers.base import begin_index
 from .tasks import TASKS, Start, Task, model_tasks, requested_task
 from .tasks.base import guidance_embedding
-from .tiling import TiledEngine
+from .tiling import TiledEngine, VaeTiledDecoder
 from .watermark import MIN_PIXELS as WATERMARK_MIN_PIXELS
 from .watermark import embed as embed_watermark
 from .watermark import text_bits
@@ -49,6 +49,7 @@ LONG_PROMPTS = ("truncate", "chunk")
 TILE_MIN = 8  # latent pixels: smaller tiles see too little to draw anything
 USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
 BUILTIN_DEFAULTS = {"steps": 20, "guidance": 7.5}
+DIFFUSERS_VAE_SAMPLE_SIZE = 512  # SD's VAE config value: the tile of engine folders built before sdrt recorded it
 PREVIEW_LATENT_SIDE = 16  # previews decode at most 16x16 latents (128x128 pixels for SD): ~1/16 of a 512x512 decode
 
 
@@ -120,23 +121,34 @@ class StableDiffusion:
         self.works: dict | None = None  # the model card's working range (sdrt.json "works"), where it has one
         self.tasks = model_tasks(info)
         self._load_engine = None  # name -> Engine, verified before loading: components that only some tasks use
+        self.low_memory = False  # one component open at a time, each loaded when needed (from_engine_folder's low_memory)
 
     def engine(self, name: str) -> Engine:
         if name not in self.engines:
             if self._load_engine is None:
                 raise SdrtError(f"this pipeline has no {name} engine")
+            if self.low_memory:
+                self._release()
             self.engines[name] = self._load_engine(name)
         return self.engines[name]
 
+    def _release(self) -> None:
+        """Low-memory mode: every open component closed (the next is loaded when asked for)."""
+        while self.engines:
+            self.engines.popitem()[1].close()
+
     @classmethod
-    def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: str = "changed") -> "StableDiffusion":
+    def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: str = "changed",
+                           low_memory: bool = False) -> "StableDiffusion":
         """verify: always (hash every file it loads), changed (only those changed since this user last
-        verified them: sdrt/verified.py), never (trust the folder; a warning says so)."""
+        verified them: sdrt/verified.py), never (trust the folder; a warning says so). low_memory: the files are
+        verified now, each component is opened when a generation needs it and closed once it has done its part, the
+        backends load with their lowest-memory settings and the VAE decodes in tiles as diffusers' enable_tiling."""
         if verify not in VERIFY_MODES:
             raise SdrtError(f"--verify {verify!r} is not supported: accepted values are {', '.join(VERIFY_MODES)}")
         manifest = load_manifest(engine_dir, verify=False)
         backend = engine_class(manifest["backend"]["name"])
-        cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"])
+        cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"], low_memory=low_memory)
         if verify == "never":
             log.warning("--verify never: the hashes of %s's files are not checked", engine_dir)
         verified = VerifiedFiles(engine_dir, manifest[CONTENT_HASH]) if verify == "changed" else None
@@ -165,19 +177,22 @@ class StableDiffusion:
 
         check([engine_dir / "tokenizer" / n for n in TOKENIZER_FILES if os.path.lexists(engine_dir / "tokenizer" / n)])
         # two components at a time, each verified then opened (none before its own check passed): the U-Net's
-        # hashing or weight preparation runs beside the smaller components' (both backends release the GIL there)
+        # hashing or weight preparation runs beside the smaller components' and the tokenizer's parsing (the
+        # backends and hashlib release the GIL there)
         loader = ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="sdrt-load")
         try:
-            loading = {name: loader.submit(load, name) for name in LOAD_ORDER}
+            loading = {name: loader.submit(verify_component if low_memory else load, name) for name in LOAD_ORDER}
+            tokenizer = CLIPTokenizer(engine_dir / "tokenizer")
             engines = {name: loading[name].result() for name in TXT2IMG_COMPONENTS}
         finally:
             loader.shutdown(wait=False, cancel_futures=True)  # after a failed check, what has not started is not
         info = ModelInfo.from_json({k: v for k, v in manifest["model"].items() if k != "source"})
-        pipe = cls(info, manifest["scheduler_config"], CLIPTokenizer(engine_dir / "tokenizer"), engines,
-                   manifest.get("defaults"), manifest.get("static_shape"))
+        pipe = cls(info, manifest["scheduler_config"], tokenizer, {} if low_memory else engines, manifest.get("defaults"),
+                   manifest.get("static_shape"))
         pipe.manifest = manifest
         pipe.works = manifest.get("works")
         pipe._load_engine = load
+        pipe.low_memory = low_memory
         return pipe
 
     def close(self) -> None:
@@ -259,7 +274,7 @@ class StableDiffusion:
 
     def _encode_text(self, prompts: list[str], long_prompts: str) -> np.ndarray:
         """-> (P, S, D) float32; with `chunk`, S is k x the encoder's length, k the most chunks any prompt needs."""
-        encoder = self.engines["text_encoder"]
+        encoder = self.engine("text_encoder")
         if long_prompts == "truncate":
             return encoder.run({"input_ids": self.tokenizer(prompts).astype(np.int64)})["last_hidden_state"]
         chunks = [self.tokenizer.chunks(p) for p in prompts]  # (k_p, S) each
@@ -298,13 +313,20 @@ class StableDiffusion:
         start = self.task(req).start(self, req, s, scheduler, noise)
         if embed_dim:
             start = dataclasses.replace(start, unet_feeds={**start.unet_feeds, "timestep_cond": guidance_embedding(s.guidance, embed_dim, n)})
-        unet, decoder = self.engines["unet"], self.engines["vae_decoder"]
+        unet = self.engine("unet")
         if s.tile:
-            overlap = s.tile // 4
-            unet = TiledEngine(unet, "sample", "out_sample", s.tile, overlap)
-            decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, overlap, scale=f)
+            unet = TiledEngine(unet, "sample", "out_sample", s.tile, s.tile // 4)
         latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress, on_step, req.guidance_cutoff)
-        images = self._decode(latents, decoder)
+        decoder = self.engine("vae_decoder")
+        if s.tile:
+            decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, s.tile // 4, scale=f)
+        elif self.low_memory and not self.static_shape:
+            decoder = VaeTiledDecoder(decoder, self.info.vae_sample_size or DIFFUSERS_VAE_SAMPLE_SIZE, f)
+        try:
+            images = self._decode(latents, decoder)
+        finally:
+            if self.low_memory:
+                self._release()
         return [embed_watermark(image, req.watermark) for image in images] if req.watermark is not None else images
 
     def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool,
@@ -360,8 +382,8 @@ class StableDiffusion:
         """latents (n, C, h, w) of a running generation -> its first image, small: the latents averaged over k x k
         blocks (k: the least that brings both sides to <= max_side, at most the shorter side) and decoded by the VAE
         decoder itself. At k = 1 it is the image those latents make. None for static-shape engines (they decode one
-        size only)."""
-        if self.static_shape:
+        size only) and in low-memory mode."""
+        if self.static_shape or self.low_memory:  # low memory: the U-Net is open, the decoder is not
             return None
         h, w = latents.shape[2:]
         k = max(1, min(-(-max(h, w) // max_side), h, w))
@@ -396,6 +418,7 @@ class StableDiffusion:
             "tile": s.tile,
             "watermark": req.watermark,
             "guidance_cutoff": req.guidance_cutoff,
+            "low_memory": self.low_memory,
             "model_hash": model_hash(manifest) if manifest else None,
             "model": Path(manifest["model"]["source"]).stem if manifest else None,
             "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in (manifest.get("prepared") or {}).get("loras", [])],

@@ -61,3 +61,52 @@ class TiledEngine:
 
     def close(self) -> None:
         self.engine.close()
+
+
+class VaeTiledDecoder:
+    """The VAE decoder on latent tiles as diffusers' AutoencoderKL.tiled_decode (`enable_tiling`): tiles of
+    sample_size / scale latent pixels every 3/4 of that, each decoded tile blended linearly into its upper and left
+    neighbours over a quarter of sample_size pixels, then cropped to the other 3/4. Latents no larger than a tile
+    are decoded whole, as diffusers does. Peak memory then follows the tile, not the image."""
+
+    OVERLAP = 0.25  # diffusers' tile_overlap_factor
+
+    def __init__(self, engine, sample_size: int, scale: int):
+        self.engine = engine
+        self.tile = sample_size // scale  # diffusers' tile_latent_min_size
+        self.stride = int(self.tile * (1 - self.OVERLAP))
+        self.blend = int(sample_size * self.OVERLAP)
+        self.keep = sample_size - self.blend  # diffusers' row_limit
+
+    def _blend(self, before: np.ndarray, tile: np.ndarray, axis: int) -> np.ndarray:
+        """tile's first `blend` rows (axis -2) or columns (-1) ramped in from the last ones of `before`."""
+        extent = min(before.shape[axis], tile.shape[axis], self.blend)
+        ramp = np.arange(extent) / extent  # (extent,) float64, as diffusers' y / blend_extent
+        shape = (extent, 1) if axis == -2 else (extent,)
+        head = [slice(None)] * 2 + ([slice(0, extent)] if axis == -2 else [slice(None), slice(0, extent)])
+        tail = [slice(None)] * 2 + ([slice(-extent, None)] if axis == -2 else [slice(None), slice(-extent, None)])
+        tile = tile.copy()
+        tile[tuple(head)] = (before[tuple(tail)] * (1 - ramp).reshape(shape) + tile[tuple(head)] * ramp.reshape(shape)).astype(np.float32)
+        return tile
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        z = feeds["latent_sample"]  # (B, C, h, w)
+        if z.shape[-1] <= self.tile and z.shape[-2] <= self.tile:
+            return self.engine.run(feeds)
+        rows = [[self.engine.run({"latent_sample": np.ascontiguousarray(z[:, :, i : i + self.tile, j : j + self.tile])})["sample"]
+                 for j in range(0, z.shape[3], self.stride)] for i in range(0, z.shape[2], self.stride)]
+        out_rows = []
+        for r, row in enumerate(rows):
+            kept = []
+            for c, tile in enumerate(row):
+                if r > 0:
+                    tile = self._blend(rows[r - 1][c], tile, -2)
+                if c > 0:
+                    tile = self._blend(row[c - 1], tile, -1)
+                row[c] = tile  # the next tiles blend with this one as blended, as diffusers' in-place blend does
+                kept.append(tile[:, :, : self.keep, : self.keep])
+            out_rows.append(np.concatenate(kept, axis=3))
+        return {"sample": np.concatenate(out_rows, axis=2)}  # (B, 3, H, W)
+
+    def close(self) -> None:
+        self.engine.close()
