@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,9 +25,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
+
+from sdrt.cli import parse_generate
 from sdrt.cpu import cpu_description
 from sdrt.engines.cache import cache_root
 from sdrt.errors import SdrtError
+from sdrt.exporters.accuracy import psnr
 
 from .measure import GENAI_PIPELINES, TASKS
 from .report import config_name, write_report
@@ -59,6 +64,7 @@ class BenchConfig:
     baselines: tuple[str, ...] = ("diffusers",)  # () for none
     tasks: tuple[str, ...] = ("txt2img",)  # each configuration and baseline is timed on each, in its own process
     build_args: tuple[str, ...] = ()  # passed through to `sdrt build`
+    variants: tuple[str, ...] = ()  # `sdrt generate` options, one string per variant: a row each after each configuration's own
 
     def __post_init__(self):
         if set(self.baselines) - set(BASELINES):
@@ -70,6 +76,11 @@ class BenchConfig:
             raise SdrtError(f"--tasks {','.join(self.tasks)!r} is not supported: accepted values are {', '.join(TASKS)} (comma-separated)")
         if not self.shapes or set(self.shapes) - set(SHAPES):
             raise SdrtError(f"--shapes {','.join(self.shapes)!r} is not supported: accepted values are {', '.join(SHAPES)}")
+        for variant in self.variants:  # refused now, not after an hour of building
+            try:
+                parse_generate(["ENGINES", "--prompt", "p", "--output", "o.png", *shlex.split(variant)])
+            except (SdrtError, ValueError) as exc:  # ValueError: shlex's unclosed quotes
+                raise SdrtError(f"--generate-arg {variant!r} is not accepted: {exc}") from None
 
 
 def _status(done: int, total: int, what: str, started: float) -> None:
@@ -153,6 +164,12 @@ def machine() -> dict:
     return {**cpu_description(), "ram_mb": mem, "platform": platform.platform(), "python": platform.python_version(), "versions": _versions()}
 
 
+def _quality(variant: np.ndarray, default: np.ndarray) -> dict:
+    """A variant's image against the same engines' image without it (same seed and settings)."""
+    db = float(psnr(variant, default))
+    return {"image_psnr_vs_default_db": None if db == float("inf") else db, "image_identical_to_default": bool(db == float("inf"))}
+
+
 def _folder_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink()) / 2**20
 
@@ -164,13 +181,14 @@ def run(cfg: BenchConfig) -> dict:
     configs = [(b, p, s) for b in cfg.backends for p in cfg.precisions for s in cfg.shapes]
     diffusers_baselines = [b for b in cfg.baselines if BASELINES[b]]
     genai = "openvino-genai" in cfg.baselines
-    total = 2 + (1 + len(cfg.tasks)) * len(configs) + len(diffusers_baselines) * len(cfg.tasks)
+    total = 2 + (1 + len(cfg.tasks) * (1 + len(cfg.variants))) * len(configs) + len(diffusers_baselines) * len(cfg.tasks)
     total += genai * len([c for c in configs if c[0] == "openvino"]) * len(set(cfg.tasks) & set(GENAI_TASKS))
     done = 0
     common = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "scheduler": cfg.scheduler, "repeat": cfg.repeat,
               "warmup": cfg.warmup, "threads": cfg.threads}
     _status(done, total, "measuring fp32 GEMM rate", started)
-    logs = cfg.out / "logs"
+    logs, images = cfg.out / "logs", cfg.out / "images"
+    images.mkdir(exist_ok=True)
     gemm = _worker({"kind": "gemm", "threads": cfg.threads}, logs / "gemm.log")["gemm_gflops"]
     done += 1
     _status(done, total, "counting U-Net FLOPs", started)
@@ -199,18 +217,29 @@ def run(cfg: BenchConfig) -> dict:
         if build.returncode != 0:
             skipped.append({"backend": backend, "precision": precision, "shape": shape, "reason": build.reason(),
                             "exit_status": build.returncode, "peak_rss_mb": build.peak_rss_mb, "log": str(build.log)})
-            done += len(cfg.tasks)
+            done += len(cfg.tasks) * (1 + len(cfg.variants))
             continue
         manifest = json.loads((engines / "manifest.json").read_text())
         accuracy = manifest.get("accuracy") or {}
         for task in cfg.tasks:
             _status(done, total, f"timing {name}, {task}", started)
-            row = {"task": task, "backend": backend, "precision": precision, "shape": shape, "build_s": build_s, "engine_mb": _folder_mb(engines),
-                   **_worker({"kind": "sdrt", "engines": engines, "task": task, **common}, logs / f"time-{slug}-{task}.log")}
+            image = images / f"{slug}-{task}.npy"
+            row = {"task": task, "backend": backend, "precision": precision, "shape": shape, "variant": "", "build_s": build_s,
+                   "engine_mb": _folder_mb(engines),
+                   **_worker({"kind": "sdrt", "engines": engines, "task": task, "image_out": image, **common}, logs / f"time-{slug}-{task}.log")}
             row["image_psnr_vs_fp32_db"] = None if accuracy.get("reference") else accuracy.get("min_image_psnr_db")
             row["build_cache"] = {"export": manifest["export_cache"], **{k: v["cache"] for k, v in manifest["components"].items()}}
             rows.append(row)
             done += 1
+            for k, variant in enumerate(cfg.variants):
+                _status(done, total, f"timing {name}, {task}, {variant}", started)
+                variant_image = images / f"{slug}-{task}-variant{k}.npy"
+                rows.append({**{key: row[key] for key in ("task", "backend", "precision", "shape", "build_s", "engine_mb", "image_psnr_vs_fp32_db")},
+                             "variant": variant,
+                             **_worker({"kind": "sdrt", "engines": engines, "task": task, "image_out": variant_image,
+                                        "generate_args": shlex.split(variant), **common}, logs / f"time-{slug}-{task}-variant{k}.log"),
+                             **_quality(np.load(variant_image), np.load(image))})
+                done += 1
             if genai and backend == "openvino" and task in GENAI_TASKS:
                 _status(done, total, f"timing OpenVINO GenAI on {name}, {task}", started)
                 if (manifest.get("openvino_genai") or {}).get("loadable"):
@@ -225,8 +254,8 @@ def run(cfg: BenchConfig) -> dict:
     baselines = {r["task"]: r for r in rows if (r["backend"], r["precision"]) == ("diffusers", BASELINES["diffusers"])}
     for row in rows:
         baseline = baselines.get(row["task"])
-        row["unet_gflops"] = unet_gflop / row["unet_step_s"]
-        row["roofline_fraction"] = row["unet_gflops"] / gemm
+        row["unet_gflops"] = None if row.get("variant") else unet_gflop / row["unet_step_s"]  # a variant may run other batches
+        row["roofline_fraction"] = row["unet_gflops"] and row["unet_gflops"] / gemm
         row["speedup_vs_baseline"] = baseline["e2e_s"] / row["e2e_s"] if baseline else None
         row["memory_vs_baseline"] = row["peak_rss_mb"] / baseline["peak_rss_mb"] if baseline else None
     results = {

@@ -64,9 +64,18 @@ def _p90(values: list[float]) -> float:
     return float(np.percentile(values, 90))
 
 
+def _reset_peak() -> bool:
+    """VmHWM back to the current RSS (Linux: /proc/self/clear_refs), so that the next reading is one stage's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 class TimedEngine:
-    def __init__(self, engine):
-        self.engine, self.seconds = engine, []
+    def __init__(self, engine, seconds: list[float]):
+        self.engine, self.seconds = engine, seconds
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
@@ -78,45 +87,83 @@ class TimedEngine:
         self.engine.close()
 
 
+def sdrt_request(a: dict):
+    """The bench's request (its prompt, seed 0, guidance 7.5, steps, scheduler, size, task inputs) with a variant's
+    `sdrt generate` options on top (a["generate_args"]); -> (request, those options parsed)."""
+    import dataclasses
+
+    from sdrt.cli import generate_request, parse_generate
+
+    args = parse_generate([str(a["engines"]), "--prompt", PROMPT, "--output", "unused.png", "--seed", "0", "--guidance", "7.5",
+                           "--steps", str(a["steps"]), "--scheduler", a["scheduler"], "--height", str(a["height"]),
+                           "--width", str(a["width"]), *a.get("generate_args", ())])
+    return dataclasses.replace(generate_request(args), **task_inputs(a["task"], a["height"], a["width"])), args
+
+
 def measure_sdrt(a: dict) -> dict:
+    """The default row (a["generate_args"] empty) also measures loads; a variant's row times generation only. Both
+    save their last image (a["image_out"], .npy) for the harness's PSNR of each variant against its default."""
     from sdrt.components import ComponentSpec
     from sdrt.engines.base import LoadConfig, engine_class
     from sdrt.manifest import verify_files
-    from sdrt.pipeline import TXT2IMG_COMPONENTS, GenerateRequest, StableDiffusion
+    from sdrt.pipeline import TXT2IMG_COMPONENTS, StableDiffusion
 
+    req, options = sdrt_request(a)
+    folder = Path(a["engines"])
     loads = {}
     # the first load is cold (empty OpenVINO model cache), the rest warm: without hash checks, hashing
     # every file, and `changed` twice (the first hashes and records, the second trusts the record)
-    for name, verify in (("cold", "never"), ("never", "never"), ("always", "always"), ("changed-first", "changed"), ("changed", "changed")):
+    for name, verify in (() if a.get("generate_args") else (("cold", "never"), ("never", "never"), ("always", "always"), ("changed-first", "changed"))):
         started = time.perf_counter()
-        pipe = StableDiffusion.from_engine_folder(Path(a["engines"]), threads=a["threads"], verify=verify)
+        StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify=verify).close()
         loads[name] = time.perf_counter() - started
-        if name != "changed":
-            pipe.close()
-    timed = {name: TimedEngine(engine) for name, engine in pipe.engines.items()}
-    pipe.engines.update(timed)
-    req = GenerateRequest(prompt=PROMPT, steps=a["steps"], guidance=7.5, seed=0, scheduler=a["scheduler"], height=a["height"], width=a["width"],
-                          **task_inputs(a["task"], a["height"], a["width"]))
+    _reset_peak()
+    started = time.perf_counter()
+    pipe = StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify="changed", low_memory=options.low_memory)
+    loads["changed"] = time.perf_counter() - started
+    stage_peaks = {"load": _peak_rss_mb(), "denoise": 0.0, "decode": 0.0}  # denoise: text encoding and the loop
+    seconds: dict[str, list[float]] = {}
+    load_engine = pipe._load_engine
+    pipe._load_engine = lambda name: TimedEngine(load_engine(name), seconds.setdefault(name, []))  # low memory loads as it goes
+    pipe.engines = {name: TimedEngine(engine, seconds.setdefault(name, [])) for name, engine in pipe.engines.items()}
+
+    def denoised(done: int, total: int, latents) -> bool:
+        if done == total:
+            stage_peaks["denoise"] = max(stage_peaks["denoise"], _peak_rss_mb())
+            _reset_peak()
+        return True
+
     for _ in range(a["warmup"]):
         pipe.generate(req, progress=False)
     e2e = []
-    for t in timed.values():
-        t.seconds.clear()
+    for times in seconds.values():
+        times.clear()
     for _ in range(a["repeat"]):
+        _reset_peak()
         started = time.perf_counter()
-        pipe.generate(req, progress=False)
+        image = pipe.generate(req, progress=False, on_step=denoised)[0]
         e2e.append(time.perf_counter() - started)
-    peak = _peak_rss_mb()
+        stage_peaks["decode"] = max(stage_peaks["decode"], _peak_rss_mb())
+    if a.get("image_out"):
+        np.save(a["image_out"], image)
     pipe.close()
+    row = {
+        "text_encoder_s": statistics.median(seconds["text_encoder"]),
+        "unet_step_s": statistics.median(seconds["unet"]), "unet_step_p90_s": _p90(seconds["unet"]),
+        "vae_decode_s": statistics.median(seconds["vae_decoder"]), "e2e_s": statistics.median(e2e),
+        "peak_rss_mb": max(stage_peaks.values()), "peak_rss_stage_mb": stage_peaks,
+    }
+    if a.get("generate_args"):
+        return {**row, "load_s": None}
     manifest = pipe.manifest
     backend = engine_class(manifest["backend"]["name"])
-    folder, cfg = Path(a["engines"]), LoadConfig(threads=a["threads"], precision=manifest["precision"])
+    cfg = LoadConfig(threads=a["threads"], precision=manifest["precision"])
     encoder = backend.load(folder / "vae_encoder", ComponentSpec.from_json(manifest["components"]["vae_encoder"]["spec"]), cfg)
-    image = np.random.default_rng(0).uniform(-1, 1, (1, 3, a["height"], a["width"])).astype(np.float32)
+    picture = np.random.default_rng(0).uniform(-1, 1, (1, 3, a["height"], a["width"])).astype(np.float32)
     encode = []
     for _ in range(1 + a["repeat"]):
         started = time.perf_counter()
-        encoder.run({"sample": image})
+        encoder.run({"sample": picture})
         encode.append(time.perf_counter() - started)
     encoder.close()
     # the warm load's parts, each alone: hashing the files it reads, then each engine's load (read and compile, or
@@ -128,14 +175,11 @@ def measure_sdrt(a: dict) -> dict:
         started = time.perf_counter()
         backend.load(folder / name, ComponentSpec.from_json(manifest["components"][name]["spec"]), cfg).close()
         engine_s[name] = time.perf_counter() - started
-    unet = timed["unet"].seconds
     return {
+        **row,
         "load_s": loads["cold"], "load_warm_s": loads["never"], "load_warm_verify_always_s": loads["always"],
         "load_warm_verify_changed_s": loads["changed"], "load_verify_alone_s": verify_s, "load_engine_alone_s": engine_s,
-        "text_encoder_s": statistics.median(timed["text_encoder"].seconds),
-        "unet_step_s": statistics.median(unet), "unet_step_p90_s": _p90(unet),
-        "vae_decode_s": statistics.median(timed["vae_decoder"].seconds), "vae_encode_s": statistics.median(encode[1:]),
-        "e2e_s": statistics.median(e2e), "peak_rss_mb": peak,
+        "vae_encode_s": statistics.median(encode[1:]),
     }
 
 

@@ -10,8 +10,9 @@ from PIL import Image, ImageDraw
 COLUMNS = [
     ("configuration", None), ("task", "task"), ("e2e s", "e2e_s"), ("speed-up", "speedup_vs_baseline"), ("U-Net step s (p90)", None),
     ("text enc s", "text_encoder_s"), ("VAE dec s", "vae_decode_s"), ("VAE enc s", "vae_encode_s"), ("load s cold/warm", None),
-    ("peak RSS MB", "peak_rss_mb"), ("memory ratio", "memory_vs_baseline"), ("engine MB", "engine_mb"), ("build s", "build_s"),
-    ("U-Net GFLOP/s", "unet_gflops"), ("of roofline", "roofline_fraction"), ("PSNR vs fp32 dB", "image_psnr_vs_fp32_db"),
+    ("peak RSS MB", "peak_rss_mb"), ("load/denoise/decode MB", None), ("memory ratio", "memory_vs_baseline"), ("engine MB", "engine_mb"),
+    ("build s", "build_s"), ("U-Net GFLOP/s", "unet_gflops"), ("of roofline", "roofline_fraction"), ("PSNR vs fp32 dB", "image_psnr_vs_fp32_db"),
+    ("PSNR vs default dB", None),
 ]
 
 
@@ -36,7 +37,7 @@ def _label(row: dict) -> str:
         return f"diffusers (PyTorch eager {row['precision']})"
     if row["backend"] == "openvino-genai":
         return f"OpenVINO GenAI on sdrt's openvino {row['precision']} engines ({row['scheduler']})"
-    return "sdrt " + config_name(row["backend"], row["precision"], row.get("shape", "dynamic"))
+    return "sdrt " + config_name(row["backend"], row["precision"], row.get("shape", "dynamic")) + (f" {row['variant']}" if row.get("variant") else "")
 
 
 def markdown(results: dict) -> str:
@@ -58,8 +59,13 @@ def markdown(results: dict) -> str:
                 cells.append(_label(row))
             elif name.startswith("U-Net step"):
                 cells.append(f"{_fmt(row['unet_step_s'])} ({_fmt(row['unet_step_p90_s'])})")
-            elif name.startswith("load"):
-                cells.append(f"{_fmt(row['load_s'])} / {_fmt(row['load_warm_s'])}")
+            elif name.startswith("load s"):
+                cells.append(f"{_fmt(row.get('load_s'))} / {_fmt(row.get('load_warm_s'))}")
+            elif name.startswith("load/"):
+                stages = row.get("peak_rss_stage_mb")
+                cells.append(" / ".join(_fmt(stages[k]) for k in ("load", "denoise", "decode")) if stages else "-")
+            elif name.startswith("PSNR vs default"):
+                cells.append("identical" if row.get("image_identical_to_default") else _fmt(row.get("image_psnr_vs_default_db")))
             else:
                 cells.append(_fmt(row.get(key), key))
         lines.append("| " + " | ".join(cells) + " |")

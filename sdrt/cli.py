@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -86,11 +88,11 @@ def _build(args: argparse.Namespace) -> None:
         print(f"accuracy against fp32: image PSNR {accuracy['min_image_psnr_db']:.1f} dB (worst of {len(accuracy['image_psnr_db'])})")
 
 
-def _generate(args: argparse.Namespace) -> None:
+def generate_request(args: argparse.Namespace):
+    """`sdrt generate`'s options -> its GenerateRequest (the bench's variants are read the same way)."""
     from .depth import load_depth_map
     from .image_input import load_image
-    from .image_io import check_writable, output_paths, save_png
-    from .pipeline import GenerateRequest, StableDiffusion
+    from .pipeline import GenerateRequest
 
     images = {field: load_image(Path(getattr(args, field)), f"--{field.replace('_', '-')}")
               for field in ("init_image", "image", "mask") if getattr(args, field) is not None}
@@ -98,13 +100,30 @@ def _generate(args: argparse.Namespace) -> None:
         images["depth_map"] = load_depth_map(Path(args.depth_map))
     if args.prompt is None and (args.image is None or args.mask is not None):
         raise SdrtError("--prompt is required (only upscaling and unCLIP variations, given --image alone, can do without)")
-    req = GenerateRequest(
+    return GenerateRequest(
         prompt=args.prompt or "", negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
         num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise, long_prompts=args.long_prompts,
         strength=args.strength, mask_blur=args.mask_blur, noise_level=args.noise_level, tile=args.tile, watermark=args.watermark,
         guidance_cutoff=args.guidance_cutoff, **images,
     )
+
+
+def parse_generate(argv: list[str]) -> argparse.Namespace:
+    """`sdrt generate ARGV`'s options, checked as the command checks them; a refusal raises SdrtError."""
+    with contextlib.redirect_stderr(io.StringIO()) as said:
+        try:
+            return _parser().parse_args(["generate", *argv])
+        except SystemExit:
+            pass
+    raise SdrtError(said.getvalue().strip().removeprefix("sdrt: error: "))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from .image_io import check_writable, output_paths, save_png
+    from .pipeline import StableDiffusion
+
+    req = generate_request(args)
     if str(req.seed) != args.seed.strip():
         print(f"seed: {req.seed}", file=sys.stderr)
     paths = output_paths(Path(args.output), args.num_images)
@@ -219,7 +238,7 @@ def _bench(args: argparse.Namespace) -> None:
     cfg = BenchConfig(model=args.model, out=Path(args.out), backends=_names("--backends", args.backends),
                       precisions=_names("--precisions", args.precisions), shapes=_names("--shapes", args.shapes), height=args.height, width=args.width, steps=args.steps,
                       scheduler=args.scheduler, tasks=_names("--tasks", args.tasks), repeat=args.repeat, warmup=args.warmup, threads=usable_threads("--threads", args.threads), baselines=() if args.baseline == "none" else _names("--baseline", args.baseline),
-                      build_args=tuple(args.build_arg))
+                      build_args=tuple(args.build_arg), variants=tuple(args.generate_arg))
     results = run(cfg)
     from .benchmarks.report import markdown
 
@@ -482,6 +501,9 @@ def _parser() -> argparse.ArgumentParser:
                          "(eager bfloat16, a further row), openvino-genai (OpenVINO GenAI's C++ pipeline on each openvino "
                          "configuration's engines, a row after sdrt's), comma-separated; or none")
     bn.add_argument("--build-arg", action="append", default=[], help="extra argument for `sdrt build` (repeatable), e.g. --build-arg=--reference-size=256x256")
+    bn.add_argument("--generate-arg", action="append", default=[], metavar="OPTIONS", help="a variant: `sdrt generate` options timed as "
+                    "one more row after each configuration's, its image compared with that configuration's (repeatable), e.g. "
+                    "--generate-arg='--guidance-cutoff 0.5' --generate-arg=--low-memory")
     bn.set_defaults(func=_bench)
 
     c = sub.add_parser("cache", parents=[verbose], help="show or clear the build cache and OpenVINO's model cache")

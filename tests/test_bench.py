@@ -19,13 +19,23 @@ def test_bench_smoke(tmp_path):
     out = tmp_path / "run"
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--height", "16", "--width", "16",
                              "--steps", "3", "--tasks", "txt2img,inpaint", "--backends", "onnxruntime", "--precisions", "fp32", "--shapes", "dynamic,static", "--out", out,
-                             "--threads", "1", "--baseline", "diffusers", "--build-arg=--accuracy-prompts=0"], capture_output=True, text=True, timeout=900)
+                             "--threads", "1", "--baseline", "diffusers", "--build-arg=--accuracy-prompts=0", "--generate-arg=--low-memory",
+                             "--generate-arg=--guidance-cutoff 0.5"], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr
-    assert "timing the diffusers baseline" in result.stderr and "[10/10]" in result.stderr  # progress lines
+    assert "timing the diffusers baseline" in result.stderr and "[18/18]" in result.stderr  # progress lines
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"machine", "config", "gemm_gflops", "rows"}
     assert results["gemm_gflops"] > 0 and results["machine"]["cores"] >= 1 and "onnxruntime" in results["machine"]["versions"]
+    variants = [r for r in results["rows"] if r.get("variant")]
+    results["rows"] = [r for r in results["rows"] if not r.get("variant")]
     assert {r["task"] for r in results["rows"]} == {"txt2img", "inpaint"} and len(results["rows"]) == 4
+    assert sorted((r["task"], r["variant"]) for r in variants) == sorted((t, v) for t in ("txt2img", "inpaint")
+                                                                        for v in ("--low-memory", "--guidance-cutoff 0.5"))
+    for row in variants:  # the tiny VAE's tile is the whole 16x16 image: low memory changes nothing but memory
+        assert row["backend"] == "onnxruntime" and row["e2e_s"] > 0 and row["unet_gflops"] is None
+        assert row["image_identical_to_default"] == (row["variant"] == "--low-memory"), row
+        assert row["variant"] == "--low-memory" or 0 < row["image_psnr_vs_default_db"] < 60, row
+        assert set(row["peak_rss_stage_mb"]) == {"load", "denoise", "decode"} and row["peak_rss_mb"] == max(row["peak_rss_stage_mb"].values())
     inpaint = {(r["backend"], r["precision"], r["shape"]): r for r in results["rows"] if r["task"] == "inpaint"}
     assert inpaint["diffusers", "fp32", "dynamic"]["speedup_vs_baseline"] == 1.0  # each task against its own baseline
     rows = {(r["backend"], r["precision"], r["shape"]): r for r in results["rows"] if r["task"] == "txt2img"}
@@ -47,12 +57,14 @@ def test_bench_smoke(tmp_path):
     assert rows["onnxruntime", "fp32", "dynamic"]["engine_mb"] > 0 and rows["onnxruntime", "fp32", "dynamic"]["build_s"] > 0
     report = (out / "report.md").read_text()
     assert "| diffusers (PyTorch eager fp32) | txt2img |" in report and "| sdrt onnxruntime fp32 | inpaint |" in report
+    assert "| sdrt onnxruntime fp32 --guidance-cutoff 0.5 | txt2img |" in report and "identical" in report
     assert "Not built: onnxruntime fp32 static:" in report
     assert Image.open(out / "report.png").size[0] > 100
 
 
 @pytest.mark.parametrize("option,value,message", [("--baseline", "diffusers,torch", "--baseline 'diffusers,torch' is not supported: accepted values are diffusers, diffusers-bf16"),
                                                   ("--shapes", "dynamic,fixed", "--shapes 'dynamic,fixed' is not supported: accepted values are dynamic, static"),
+                                                  ("--generate-arg", "--no-such-option 1", "--generate-arg '--no-such-option 1' is not accepted: unrecognized arguments"),
                                                   ("--tasks", "txt2img,outpaint", "--tasks 'txt2img,outpaint' is not supported: accepted values are txt2img, img2img, inpaint, depth, upscale, unclip")])
 def test_bench_refuses_unknown_values(tmp_path, option, value, message):
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--out", tmp_path / "run", option, value],
