@@ -234,11 +234,14 @@ def run(cfg: BenchConfig) -> dict:
             for k, variant in enumerate(cfg.variants):
                 _status(done, total, f"timing {name}, {task}, {variant}", started)
                 variant_image = images / f"{slug}-{task}-variant{k}.npy"
-                rows.append({**{key: row[key] for key in ("task", "backend", "precision", "shape", "build_s", "engine_mb", "image_psnr_vs_fp32_db")},
-                             "variant": variant,
-                             **_worker({"kind": "sdrt", "engines": engines, "task": task, "image_out": variant_image,
-                                        "generate_args": shlex.split(variant), **common}, logs / f"time-{slug}-{task}-variant{k}.log"),
-                             **_quality(np.load(variant_image), np.load(image))})
+                try:
+                    timed = _worker({"kind": "sdrt", "engines": engines, "task": task, "image_out": variant_image,
+                                     "generate_args": shlex.split(variant), **common}, logs / f"time-{slug}-{task}-variant{k}.log")
+                except SdrtError as exc:  # e.g. an option these engines do not offer: the run goes on
+                    skipped.append({"backend": backend, "precision": precision, "shape": shape, "task": task, "variant": variant, "reason": str(exc)})
+                else:
+                    rows.append({**{key: row[key] for key in ("task", "backend", "precision", "shape", "build_s", "engine_mb", "image_psnr_vs_fp32_db")},
+                                 "variant": variant, **timed, **_quality(np.load(variant_image), np.load(image))})
                 done += 1
             if genai and backend == "openvino" and task in GENAI_TASKS:
                 _status(done, total, f"timing OpenVINO GenAI on {name}, {task}", started)

@@ -119,7 +119,8 @@ def measure_sdrt(a: dict) -> dict:
         loads[name] = time.perf_counter() - started
     _reset_peak()
     started = time.perf_counter()
-    pipe = StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify="changed", low_memory=options.low_memory)
+    pipe = StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify="changed", low_memory=options.low_memory,
+                                              vae_precision=options.vae_precision)
     loads["changed"] = time.perf_counter() - started
     stage_peaks = {"load": _peak_rss_mb(), "denoise": 0.0, "decode": 0.0}  # denoise: text encoding and the loop
     seconds: dict[str, list[float]] = {}

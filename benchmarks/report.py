@@ -71,7 +71,8 @@ def markdown(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for skip in results.get("skipped", []):
         what = "Not run" if skip.get("task") else "Not built"
-        lines.append(f"\n{what}: {config_name(skip['backend'], skip['precision'], skip.get('shape', 'dynamic'))}: {skip['reason']}")
+        variant = f" {skip['variant']}" if skip.get("variant") else ""
+        lines.append(f"\n{what}: {config_name(skip['backend'], skip['precision'], skip.get('shape', 'dynamic'))}{variant}: {skip['reason']}")
     return "\n".join(lines) + "\n"
 
 

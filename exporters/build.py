@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_TOLERANCE = 1e-3  # max abs error of an fp32 graph against torch before the build fails
 MODEL_EXTRAS = "sdrt.json"
-WEIGHT_FOLDERS = ("text_encoder", "unet", "vae", "depth_estimator", "image_encoder", "image_normalizer")  # those a model has are read  # optional, in a model folder: recommended defaults and domain prompts
+WEIGHT_FOLDERS = ("text_encoder", "unet", "vae", "vae_decoder", "depth_estimator", "image_encoder", "image_normalizer")  # those a model has are read  # optional, in a model folder: recommended defaults and domain prompts
 
 
 def _scheduler_config(model_dir: Path) -> dict:

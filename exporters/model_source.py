@@ -17,6 +17,8 @@ from sdrt.tokenizer import ADDED_TOKENS, TOKENIZER_FILES
 
 from . import single_file
 
+TINY_DECODER_FOLDER = "vae_decoder"  # in a prepared model folder: the AutoencoderTiny that decodes (--vae-decoder)
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +30,7 @@ class SourceOptions:
     loras: tuple[tuple[Path, float], ...] = field(default_factory=tuple)  # --lora FILE[:WEIGHT]
     embeddings: tuple[tuple[Path, str], ...] = field(default_factory=tuple)  # --embedding FILE[:TOKEN]
     vae: Path | None = None  # --vae FILE|DIR
+    vae_decoder: Path | None = None  # --vae-decoder DIR: a diffusers AutoencoderTiny folder (TAESD) that decodes instead of the VAE
 
     def __post_init__(self):
         if self.prediction_type is not None and self.prediction_type not in single_file.PREDICTION_TYPES:
@@ -42,6 +45,9 @@ class SourceOptions:
                     raise SdrtError(f"{option} {path}: no such file")
         if self.vae is not None and not self.vae.exists():
             raise SdrtError(f"--vae {self.vae}: no such file or folder")
+        if self.vae_decoder is not None and not (self.vae_decoder / "config.json").is_file():
+            raise SdrtError(f"--vae-decoder {self.vae_decoder}: not a diffusers AutoencoderTiny folder (config.json and weights), "
+                            "e.g. madebyollin/taesd for SD 1.x/2.x")
         tokens = [token for _, token in self.embeddings]
         if len(set(tokens)) < len(tokens):
             raise SdrtError(f"--embedding: two embeddings would be called {max(tokens, key=tokens.count)!r}; name them with FILE:TOKEN")
@@ -69,7 +75,7 @@ def parse_embedding(value: str) -> tuple[Path, str]:
 
 def needs_preparing(model: Path, opts: SourceOptions) -> bool:
     return (model.is_file() or bool(opts.loras) or bool(opts.embeddings) or opts.vae is not None or opts.config is not None
-            or opts.prediction_type is not None or opts.ema)
+            or opts.prediction_type is not None or opts.ema or opts.vae_decoder is not None)
 
 
 def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, dict]:
@@ -102,6 +108,9 @@ def prepare_model(model: Path, work: Path, opts: SourceOptions) -> tuple[Path, d
             record["vae"] = {"file": str(opts.vae.resolve()), "name": opts.vae.name}
         out = work / "model"
         pipe.save_pretrained(out, safe_serialization=True)
+        if opts.vae_decoder is not None:
+            _load_tiny_decoder(opts.vae_decoder, pipe.vae).save_pretrained(out / TINY_DECODER_FOLDER, safe_serialization=True)
+            record["vae_decoder"] = {"file": str(opts.vae_decoder.resolve()), "name": opts.vae_decoder.name, "class": "AutoencoderTiny"}
     if model.is_dir() and (model / MODEL_EXTRAS).is_file():  # the folder's recommended settings and prompts stay with it
         shutil.copyfile(model / MODEL_EXTRAS, out / MODEL_EXTRAS)
     for name in TOKENIZER_FILES:  # the plain files sdrt's tokenizer reads (transformers 5 saves only tokenizer.json)
@@ -262,6 +271,23 @@ def _load_vae(source: Path, model_vae, work: Path):
         raise SdrtError(f"--vae {source}: its layers differ from this model's VAE (e.g. {(wrong or sorted(shapes.keys() ^ vae.state_dict().keys()))[0]})")
     vae.register_to_config(scaling_factor=model_vae.config.scaling_factor)
     return vae.eval()
+
+
+def _load_tiny_decoder(source: Path, model_vae):
+    """--vae-decoder: a diffusers AutoencoderTiny folder whose latents are the model's (channels, scale factor)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    try:
+        tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=torch.float32)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise SdrtError(f"--vae-decoder {source}: not a diffusers AutoencoderTiny folder ({first_line(exc)})") from None
+    c, ours = tiny.config, model_vae.config
+    scale = c.upsampling_scaling_factor ** (len(c.decoder_block_out_channels) - 1)
+    if (c.latent_channels, scale) != (ours.latent_channels, 2 ** (len(ours.block_out_channels) - 1)):
+        raise SdrtError(f"--vae-decoder {source}: it decodes {c.latent_channels}-channel latents {scale}x up, this model's VAE "
+                        f"{ours.latent_channels}-channel latents {2 ** (len(ours.block_out_channels) - 1)}x up")
+    return tiny.eval()
 
 
 def _add_embeddings(pipe, embeddings: tuple[tuple[Path, str], ...]) -> list[dict]:

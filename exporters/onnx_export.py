@@ -60,6 +60,18 @@ class VaeDecoder(torch.nn.Module):
         return self.model.decode(latent_sample, return_dict=False)[0]
 
 
+class TinyVaeDecoder(torch.nn.Module):
+    """An AutoencoderTiny (TAESD) decoding in place of the VAE: it takes latents as the U-Net makes them, so the
+    pipeline's division by the VAE's scaling_factor is undone here (diffusers divides by the tiny VAE's own 1.0)."""
+
+    def __init__(self, model, scaling_factor: float):
+        super().__init__()
+        self.model, self.scaling_factor = model, scaling_factor
+
+    def forward(self, latent_sample):  # (B, C, h, w), divided by the VAE's scaling_factor -> (B, 3, H, W) in [-1, 1]
+        return self.model.decode(latent_sample * self.scaling_factor, return_dict=False)[0]
+
+
 class VaeEncoder(torch.nn.Module):
     def __init__(self, model: AutoencoderKL):
         super().__init__()
@@ -97,6 +109,11 @@ def load_modules(model_dir: Path, names: tuple[str, ...] = ("text_encoder", "une
         "vae_decoder": VaeDecoder(vae),
         "vae_encoder": VaeEncoder(vae),
     }
+    if (model_dir / "vae_decoder" / "config.json").is_file():  # --vae-decoder: a tiny decoder (exporters/model_source.py)
+        from diffusers import AutoencoderTiny
+
+        tiny = AutoencoderTiny.from_pretrained(model_dir / "vae_decoder", torch_dtype=torch.float32)
+        modules["vae_decoder"] = TinyVaeDecoder(tiny, vae.config.scaling_factor)
     if "image_encoder" in names:
         from transformers import CLIPVisionModelWithProjection
 

@@ -77,7 +77,7 @@ def _build(args: argparse.Namespace) -> None:
                         "run `pip install torch==2.13.0` then `pip install 'sdrt[export]'`") from None
     source = SourceOptions(config=Path(args.config) if args.config else None, prediction_type=args.prediction_type, ema=args.ema,
                            loras=tuple(parse_lora(v) for v in args.lora), embeddings=tuple(parse_embedding(v) for v in args.embedding),
-                           vae=Path(args.vae) if args.vae else None)
+                           vae=Path(args.vae) if args.vae else None, vae_decoder=Path(args.vae_decoder) if args.vae_decoder else None)
     manifest = build_engines(Path(args.model), Path(args.out), cfg, overwrite=args.overwrite, cache=BuildCache(None, enabled=not args.no_cache),
                              source=source)
     errors = ", ".join(f"{k} {v['export_max_abs_error']:.2g}" for k, v in manifest["components"].items())
@@ -129,7 +129,7 @@ def _generate(args: argparse.Namespace) -> None:
     paths = output_paths(Path(args.output), args.num_images)
     check_writable(paths, args.overwrite)
     pipe = StableDiffusion.from_engine_folder(Path(args.engines), device=args.device, threads=usable_threads("--threads", args.threads),
-                                              verify=args.verify, low_memory=args.low_memory)
+                                              verify=args.verify, low_memory=args.low_memory, vae_precision=args.vae_precision)
     try:
         images = pipe.generate(req, progress=not args.quiet)
         for index, (image, path) in enumerate(zip(images, paths)):
@@ -286,6 +286,8 @@ def _info(args: argparse.Namespace) -> None:
         print(f"             LoRA {lora['name']} merged at weight {lora['weight']:g}")
     if prepared.get("vae"):
         print(f"             VAE replaced by {prepared['vae']['name']}")
+    if prepared.get("vae_decoder"):
+        print(f"             decoded by {prepared['vae_decoder']['name']} ({prepared['vae_decoder']['class']}), not the VAE")
     for emb in prepared.get("embeddings", []):
         print(f"             embedding {emb['name']} as the token {emb['token']} ({emb['vectors']} vector{'s' * (emb['vectors'] != 1)})")
     print(f"tasks:       {', '.join(model_tasks(ModelInfo.from_json({k: v for k, v in model.items() if k != 'source'})))}")
@@ -355,6 +357,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="merge this LoRA (kohya/WebUI or diffusers/PEFT format) into the weights at WEIGHT (default 1.0); repeatable")
     b.add_argument("--vae", metavar="FILE|DIR", help="replace the model's VAE: a single file (original or diffusers layout) or a "
                    "diffusers VAE folder, e.g. vae-ft-mse-840000-ema-pruned.safetensors")
+    b.add_argument("--vae-decoder", metavar="DIR", help="decode with this tiny VAE instead (a diffusers AutoencoderTiny folder, e.g. "
+                   "madebyollin/taesd for SD 1.x/2.x): several times faster and lighter, less detail; the VAE still encodes")
     b.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
                    help="add this textual-inversion embedding (WebUI .pt/.safetensors, diffusers learned_embeds) as TOKEN "
                    "(default: the file's name without suffix); repeatable")
@@ -422,6 +426,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.add_argument("--verify", default="changed", help="always: hash every engine file loaded; changed (default): only files "
                    "changed since this user last verified them; never: trust the folder")
+    g.add_argument("--vae-precision", default=None, metavar="fp32|bf16", help="the VAE decoder's compute type (openvino engines; bf16 "
+                   "needs native bf16): default the build's")
     g.add_argument("--low-memory", action="store_true", help="one component in memory at a time (each loaded when needed, released "
                    "after), the backends' lowest-memory settings, the VAE decoded in tiles as diffusers' enable_tiling; slower")
     g.set_defaults(func=_generate)

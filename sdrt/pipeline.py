@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 TXT2IMG_COMPONENTS = ("text_encoder", "unet", "vae_decoder")  # loaded with the folder; the VAE encoder when a task first needs it
 LOAD_ORDER = ("unet", "text_encoder", "vae_decoder")  # the largest first, so that the others load beside it
 LOAD_THREADS = 2
+VAE_COMPUTE_TYPES = {"fp32": "f32", "bf16": "bf16"}  # --vae-precision -> the compute type the backend must report for it
 LONG_PROMPTS = ("truncate", "chunk")
 TILE_MIN = 8  # latent pixels: smaller tiles see too little to draw anything
 USEFUL_GUIDANCE = 30.0  # classifier-free guidance scales above this only saturate the image
@@ -122,6 +123,8 @@ class StableDiffusion:
         self.tasks = model_tasks(info)
         self._load_engine = None  # name -> Engine, verified before loading: components that only some tasks use
         self.low_memory = False  # one component open at a time, each loaded when needed (from_engine_folder's low_memory)
+        self._tiny_decoder = False  # the folder decodes with an AutoencoderTiny (sdrt build --vae-decoder)
+        self.vae_precision: str | None = None  # the VAE decoder's compute type when not the build's (from_engine_folder)
 
     def engine(self, name: str) -> Engine:
         if name not in self.engines:
@@ -139,16 +142,23 @@ class StableDiffusion:
 
     @classmethod
     def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: str = "changed",
-                           low_memory: bool = False) -> "StableDiffusion":
+                           low_memory: bool = False, vae_precision: str | None = None) -> "StableDiffusion":
         """verify: always (hash every file it loads), changed (only those changed since this user last
         verified them: sdrt/verified.py), never (trust the folder; a warning says so). low_memory: the files are
         verified now, each component is opened when a generation needs it and closed once it has done its part, the
-        backends load with their lowest-memory settings and the VAE decodes in tiles as diffusers' enable_tiling."""
+        backends load with their lowest-memory settings and the VAE decodes in tiles as diffusers' enable_tiling.
+        vae_precision: the VAE decoder's compute type (fp32, bf16) where the backend picks it at load; None: the build's."""
         if verify not in VERIFY_MODES:
             raise SdrtError(f"--verify {verify!r} is not supported: accepted values are {', '.join(VERIFY_MODES)}")
         manifest = load_manifest(engine_dir, verify=False)
         backend = engine_class(manifest["backend"]["name"])
         cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"], low_memory=low_memory)
+        if vae_precision is not None:
+            if vae_precision not in VAE_COMPUTE_TYPES:
+                raise SdrtError(f"--vae-precision {vae_precision!r} is not supported: accepted values are {', '.join(VAE_COMPUTE_TYPES)}")
+            if backend.compute_type(vae_precision, cfg.device) != VAE_COMPUTE_TYPES[vae_precision]:
+                raise SdrtError(f"--vae-precision {vae_precision} is not available with {manifest['backend']['name']} engines "
+                                f"(they compute in {backend.compute_type(vae_precision, cfg.device)}); use openvino engines")
         if verify == "never":
             log.warning("--verify never: the hashes of %s's files are not checked", engine_dir)
         verified = VerifiedFiles(engine_dir, manifest[CONTENT_HASH]) if verify == "changed" else None
@@ -168,7 +178,8 @@ class StableDiffusion:
             check([p for p in backend.files_to_load(engine_dir / name, cfg) if p not in listed])
 
         def open_engine(name: str) -> Engine:
-            return backend.load(engine_dir / name, ComponentSpec.from_json(manifest["components"][name]["spec"]), cfg)
+            own = dataclasses.replace(cfg, precision=vae_precision) if vae_precision and name == "vae_decoder" else cfg
+            return backend.load(engine_dir / name, ComponentSpec.from_json(manifest["components"][name]["spec"]), own)
 
         def load(name: str) -> Engine:
             """A component the task needs later (VAE encoder, depth estimator, ...): verified, then loaded."""
@@ -193,6 +204,8 @@ class StableDiffusion:
         pipe.works = manifest.get("works")
         pipe._load_engine = load
         pipe.low_memory = low_memory
+        pipe.vae_precision = vae_precision
+        pipe._tiny_decoder = bool((manifest.get("prepared") or {}).get("vae_decoder"))
         return pipe
 
     def close(self) -> None:
@@ -320,7 +333,7 @@ class StableDiffusion:
         decoder = self.engine("vae_decoder")
         if s.tile:
             decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, s.tile // 4, scale=f)
-        elif self.low_memory and not self.static_shape:
+        elif self.low_memory and not self.static_shape and not self._tiny_decoder:  # a tiny decoder is light whole
             decoder = VaeTiledDecoder(decoder, self.info.vae_sample_size or DIFFUSERS_VAE_SAMPLE_SIZE, f)
         try:
             images = self._decode(latents, decoder)
@@ -419,10 +432,12 @@ class StableDiffusion:
             "watermark": req.watermark,
             "guidance_cutoff": req.guidance_cutoff,
             "low_memory": self.low_memory,
+            "vae_precision": self.vae_precision or manifest.get("precision"),
             "model_hash": model_hash(manifest) if manifest else None,
             "model": Path(manifest["model"]["source"]).stem if manifest else None,
             "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in (manifest.get("prepared") or {}).get("loras", [])],
             "vae": ((manifest.get("prepared") or {}).get("vae") or {}).get("name"),
+            "vae_decoder": ((manifest.get("prepared") or {}).get("vae_decoder") or {}).get("name"),
             "backend": manifest.get("backend", {}).get("name"),
             "precision": manifest.get("precision"),
         }
