@@ -117,7 +117,7 @@ def measure_sdrt(a: dict) -> dict:
         started = time.perf_counter()
         StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify=verify).close()
         loads[name] = time.perf_counter() - started
-    _reset_peak()
+    staged = _reset_peak()  # False where the OS cannot: then only the whole run's peak is known
     started = time.perf_counter()
     pipe = StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify="changed", low_memory=options.low_memory,
                                               vae_precision=options.vae_precision)
@@ -152,7 +152,7 @@ def measure_sdrt(a: dict) -> dict:
         "text_encoder_s": statistics.median(seconds["text_encoder"]),
         "unet_step_s": statistics.median(seconds["unet"]), "unet_step_p90_s": _p90(seconds["unet"]),
         "vae_decode_s": statistics.median(seconds["vae_decoder"]), "e2e_s": statistics.median(e2e),
-        "peak_rss_mb": max(stage_peaks.values()), "peak_rss_stage_mb": stage_peaks,
+        "peak_rss_mb": max(stage_peaks.values()), "peak_rss_stage_mb": stage_peaks if staged else None,
     }
     if a.get("generate_args"):
         return {**row, "load_s": None}

@@ -97,9 +97,54 @@ def chart(results: dict, path: Path) -> None:
     image.save(path)
 
 
+def _variant_points(results: dict) -> list[tuple[str, float, float | None]]:
+    """(label, speed-up over the configuration's own row, image PSNR vs that row or None if identical) per variant row."""
+    own = {(r["task"], r["backend"], r["precision"], r.get("shape")): r for r in results["rows"] if r.get("variant") == ""}
+    points = []
+    for row in results["rows"]:
+        base = own.get((row["task"], row["backend"], row["precision"], row.get("shape")))
+        if row.get("variant") and base:
+            points.append((f"{row['backend']} {row['precision']} {row['variant']}, {row['task']}", base["e2e_s"] / row["e2e_s"],
+                           None if row.get("image_identical_to_default") else row["image_psnr_vs_default_db"]))
+    return points
+
+
+def curve(results: dict, path: Path) -> None:
+    """Speed against quality, one point per variant: speed-up over its configuration's own row (x), image PSNR
+    against that row's image (y; identical images on the top line)."""
+    points = _variant_points(results)
+    width, height, left, bottom, top = 1000, 420, 60, 40, 30
+    plot_w, plot_h = 460, height - top - bottom
+    x_max = max(2.0, max(x for _, x, _ in points) * 1.1)
+    finite = [y for _, _, y in points if y is not None]
+    y_min, y_max = min([20.0, *finite]), max([60.0, *finite]) + 10  # the top line holds the identical ones
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
+    draw.text((left, 8), "speed-up over the same engines without the shortcut (x) vs image PSNR against them (y, dB)", fill="black")
+    for tick in np.arange(0.0, x_max + 1e-9, 0.5):
+        x = left + plot_w * tick / x_max
+        draw.line([x, top + plot_h, x, top + plot_h + 4], fill="black")
+        draw.text((x - 8, top + plot_h + 8), f"{tick:g}x", fill="black")
+    for tick in range(int(y_min // 10 * 10), int(y_max), 10):
+        y = top + plot_h * (1 - (tick - y_min) / (y_max - y_min))
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((left - 30, y - 6), str(tick), fill="black")
+    draw.text((left + 4, top + 2), "identical", fill="black")
+    for k, (label, speed, db) in enumerate(points):
+        x = left + plot_w * speed / x_max
+        y = top + plot_h * (1 - ((y_max if db is None else db) - y_min) / (y_max - y_min))
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(52, 101, 164))
+        draw.text((x + 6, y - 6), str(k + 1), fill="black")
+        draw.text((left + plot_w + 12, top + 14 * k), f"{k + 1}: {label}" + (" (identical)" if db is None else ""), fill="black")
+    image.save(path)
+
+
 def write_report(results: dict, out: Path) -> None:
     (out / "report.md").write_text(markdown(results), encoding="utf-8")
     if results["rows"]:
         chart(results, out / "report.png")
     else:
         Image.fromarray(np.full((40, 300, 3), 255, np.uint8)).save(out / "report.png")
+    if _variant_points(results):
+        curve(results, out / "curve.png")

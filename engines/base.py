@@ -73,7 +73,6 @@ class LoadConfig:
     device: str = "cpu"
     threads: int = 0
     precision: str = "fp32"  # the engine folder's build precision: backends that pick a compute type at load need it
-    low_memory: bool = False  # the backend's lowest-memory settings (no arena, no second copy of weights), at some speed
 
 
 class Engine(Protocol):

@@ -93,7 +93,7 @@ def _session_options(threads: int) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     # no memory pattern: with it, every run after the first holds one block sized for all its planned tensors
-    # (SD 1.5 U-Net at 512x512: peak 7.85 GB instead of 5.6 GB, same step time; README, Memory)
+    # (SD 1.5 U-Net at 512x512: peak 7.85 GB instead of 5.6 GB, same step time; README, Engine folder)
     options.enable_mem_pattern = False
     return options
 

@@ -22,6 +22,8 @@ from transformers import CLIPTextModel
 from sdrt.components import ComponentSpec
 from sdrt.model_info import ModelInfo
 
+from .model_source import TINY_DECODER_FOLDER
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -109,10 +111,10 @@ def load_modules(model_dir: Path, names: tuple[str, ...] = ("text_encoder", "une
         "vae_decoder": VaeDecoder(vae),
         "vae_encoder": VaeEncoder(vae),
     }
-    if (model_dir / "vae_decoder" / "config.json").is_file():  # --vae-decoder: a tiny decoder (exporters/model_source.py)
+    if (model_dir / TINY_DECODER_FOLDER / "config.json").is_file():  # --vae-decoder: a tiny decoder
         from diffusers import AutoencoderTiny
 
-        tiny = AutoencoderTiny.from_pretrained(model_dir / "vae_decoder", torch_dtype=torch.float32)
+        tiny = AutoencoderTiny.from_pretrained(model_dir / TINY_DECODER_FOLDER, torch_dtype=torch.float32)
         modules["vae_decoder"] = TinyVaeDecoder(tiny, vae.config.scaling_factor)
     if "image_encoder" in names:
         from transformers import CLIPVisionModelWithProjection

@@ -145,14 +145,14 @@ class StableDiffusion:
                            low_memory: bool = False, vae_precision: str | None = None) -> "StableDiffusion":
         """verify: always (hash every file it loads), changed (only those changed since this user last
         verified them: sdrt/verified.py), never (trust the folder; a warning says so). low_memory: the files are
-        verified now, each component is opened when a generation needs it and closed once it has done its part, the
-        backends load with their lowest-memory settings and the VAE decodes in tiles as diffusers' enable_tiling.
+        verified now, each component is opened when a generation needs it and closed once it has done its part, and
+        the VAE decodes in tiles as diffusers' enable_tiling.
         vae_precision: the VAE decoder's compute type (fp32, bf16) where the backend picks it at load; None: the build's."""
         if verify not in VERIFY_MODES:
             raise SdrtError(f"--verify {verify!r} is not supported: accepted values are {', '.join(VERIFY_MODES)}")
         manifest = load_manifest(engine_dir, verify=False)
         backend = engine_class(manifest["backend"]["name"])
-        cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"], low_memory=low_memory)
+        cfg = LoadConfig(device=device or manifest["backend"]["device"], threads=threads, precision=manifest["precision"])
         if vae_precision is not None:
             if vae_precision not in VAE_COMPUTE_TYPES:
                 raise SdrtError(f"--vae-precision {vae_precision!r} is not supported: accepted values are {', '.join(VAE_COMPUTE_TYPES)}")
@@ -432,7 +432,7 @@ class StableDiffusion:
             "watermark": req.watermark,
             "guidance_cutoff": req.guidance_cutoff,
             "low_memory": self.low_memory,
-            "vae_precision": self.vae_precision or manifest.get("precision"),
+            "vae_precision": self.vae_precision,  # None: the build's
             "model_hash": model_hash(manifest) if manifest else None,
             "model": Path(manifest["model"]["source"]).stem if manifest else None,
             "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in (manifest.get("prepared") or {}).get("loras", [])],

@@ -59,7 +59,7 @@ def test_bench_smoke(tmp_path):
     assert "| diffusers (PyTorch eager fp32) | txt2img |" in report and "| sdrt onnxruntime fp32 | inpaint |" in report
     assert "| sdrt onnxruntime fp32 --guidance-cutoff 0.5 | txt2img |" in report and "identical" in report
     assert "Not built: onnxruntime fp32 static:" in report
-    assert Image.open(out / "report.png").size[0] > 100
+    assert Image.open(out / "report.png").size[0] > 100 and Image.open(out / "curve.png").size[0] > 100  # curve: the variants
 
 
 @pytest.mark.parametrize("option,value,message", [("--baseline", "diffusers,torch", "--baseline 'diffusers,torch' is not supported: accepted values are diffusers, diffusers-bf16"),
