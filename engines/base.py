@@ -46,6 +46,7 @@ class BuildConfig:
     accuracy_prompts: int = 2  # prompts of the build's accuracy check; 0 skips it
     accuracy_steps: int = 10
     min_psnr: float | None = None  # fail the build below this image PSNR against fp32
+    cache_branch: int | None = None  # step caching (DeepCache): also a U-Net feature output and its shallow pass, unet_shallow
 
     def __post_init__(self):
         if self.backend not in BACKENDS:

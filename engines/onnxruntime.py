@@ -31,7 +31,7 @@ EXTERNAL_DATA_MIN_BYTES = 1024
 # Components whose weights MLAS repacks at load for faster GEMMs: those that run every denoising step. Prepacking is
 # most of a warm load (SD 1.5: U-Net 1.3 s, text encoder 0.4 s) and pays back only over many runs: the text encoder
 # runs 0.025 s (15%) slower per prompt without it, the U-Net ~4% per step (README, Engine folder).
-PREPACKED = ("unet",)
+PREPACKED = ("unet", "unet_shallow")
 
 
 def _providers(device: str) -> list[str]:

@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from sdrt.components import ComponentSpec, component_specs
+from sdrt.components import ComponentSpec, cache_branches, component_specs
 from sdrt.cpu import cpu_description
 from sdrt.engines.base import BuildConfig, LoadConfig, engine_class, static_spec
 from sdrt.engines.cache import BuildCache, cache_key
@@ -82,7 +82,7 @@ def _files(folder: Path) -> list[Path]:
 
 
 def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], staging: Path,
-            cache: BuildCache) -> tuple[dict, bool, dict[Path, str]]:
+            cache: BuildCache, cache_branch: int | None = None) -> tuple[dict, bool, dict[Path, str]]:
     """ONNX graphs into staging/<component>/; -> ({component: max abs error vs torch}, cache hit, {file: sha256})."""
     import torch
 
@@ -90,7 +90,8 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
 
     sources = [p for sub in WEIGHT_FOLDERS for p in sorted((model_dir / sub).rglob("*")) if p.is_file()]
     key = cache_key("export", files={p.relative_to(model_dir).as_posix(): file_sha256(p) for p in sources},
-                    torch=torch.__version__, opset=onnx_export.OPSET, specs={k: v.to_json() for k, v in specs.items()})
+                    torch=torch.__version__, opset=onnx_export.OPSET, specs={k: v.to_json() for k, v in specs.items()},
+                    **({"cache_branch": cache_branch} if cache_branch is not None else {}))  # the spec does not say which
     errors, hit, hashes = {}, True, {}
     for name in specs:
         placed = cache.fetch(f"{key}-{name}", staging / name)
@@ -102,7 +103,7 @@ def _export(model_dir: Path, info: ModelInfo, specs: dict[str, ComponentSpec], s
         log.info("export: the build cache has it (%s)", ", ".join(specs))
     else:
         log.info("loading the model's weights")
-        modules = _load_modules(model_dir, tuple(specs))
+        modules = _load_modules(model_dir, tuple(specs), cache_branch)
         for name, module in modules.items():
             log.info("exporting %s", name)
             shutil.rmtree(staging / name, ignore_errors=True)
@@ -142,7 +143,7 @@ def _quiet_model_libraries() -> None:
         library.utils.logging.disable_progress_bar()
 
 
-def _load_modules(model_dir: Path, names: tuple[str, ...]) -> dict:
+def _load_modules(model_dir: Path, names: tuple[str, ...], cache_branch: int | None = None) -> dict:
     """The torch modules, with weights the loaders can read safely, or one clear error."""
     import pickle
 
@@ -152,7 +153,7 @@ def _load_modules(model_dir: Path, names: tuple[str, ...]) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols
-            return onnx_export.load_modules(model_dir, names)
+            return onnx_export.load_modules(model_dir, names, cache_branch)
     except (OSError, pickle.UnpicklingError, RuntimeError, ValueError) as exc:
         pickles = sorted(p.relative_to(model_dir).as_posix() for sub in WEIGHT_FOLDERS for p in (model_dir / sub).glob("*.bin"))
         if pickles:
@@ -298,7 +299,10 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
     cache = cache or BuildCache(None)
     defaults = extras.get("defaults", {})
     reference_size = cfg.static_shape or cfg.reference_size or (defaults.get("height", info.default_height), defaults.get("width", info.default_width))
-    specs = component_specs(info)
+    if cfg.cache_branch is not None and not 0 <= cfg.cache_branch < cache_branches(info):
+        raise SdrtError(f"--cache-branch {cfg.cache_branch} is not accepted for this U-Net: 0 .. {cache_branches(info) - 1} "
+                        f"(its last up block has {info.unet_up_layers} layers)")
+    specs = component_specs(info, cfg.cache_branch)
     scheduler_config = _scheduler_config(model_dir)
     staging, staging_lock, reference = None, None, None
     try:
@@ -306,7 +310,7 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
         staging = temporary_folder(out.parent, f".{out.name}.building-")
         staging_lock = hold(staging)  # the folder is this live build's until the process ends, however it ends
         started = time.perf_counter()
-        export_errors, export_hit, known = _export(model_dir, info, specs, staging, cache)  # portable graphs: never rewritten
+        export_errors, export_hit, known = _export(model_dir, info, specs, staging, cache, cfg.cache_branch)  # portable graphs: never rewritten
         onnx_hashes = {name: [known[p] for p in _files(staging / name)] for name in specs}
         prompt_sets = extras.get("prompts", {})
         calibration_prompts = list(prompt_sets.get("calibration", prompts.CALIBRATION))[: cfg.calibration_prompts]

@@ -53,6 +53,71 @@ class UNet(torch.nn.Module):
                           **dict(zip(self.extras, extras)))[0]
 
 
+def _layer(block, j: int):
+    """Layer j of a U-Net block: its attention where it has them (which follows the resnet), else its resnet."""
+    return block.attentions[j] if getattr(block, "attentions", None) else block.resnets[j]
+
+
+def _run_layer(block, j: int, hidden, emb, context):
+    hidden = block.resnets[j](hidden, emb)
+    if getattr(block, "attentions", None):
+        hidden = block.attentions[j](hidden, encoder_hidden_states=context, return_dict=False)[0]
+    return hidden
+
+
+class UNetWithFeature(UNet):
+    """The whole U-Net, also returning what step caching keeps (DeepCache, Ma et al. 2023): for branch b, the output
+    of the last up block's layer L-2-b, L its layer count (branch 0: the one before the last)."""
+
+    def __init__(self, model: UNet2DConditionModel, branch: int):
+        super().__init__(model)
+        self.kept = _layer(model.up_blocks[-1], len(model.up_blocks[-1].resnets) - 2 - branch)
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extras):
+        # -> out_sample (B, C', h, w), deep_feature (B, block_out_channels[0], h, w)
+        kept = []
+        hook = self.kept.register_forward_hook(lambda module, args, out: kept.append(out[0] if isinstance(out, tuple) else out))
+        try:
+            out = super().forward(sample, timestep, encoder_hidden_states, *extras)
+        finally:
+            hook.remove()
+        return out, kept[0]
+
+
+class UNetShallow(torch.nn.Module):
+    """Step caching's shallow pass for branch b: the time embedding, conv_in and the first b layers of the first down
+    block (the skips the recomputed layers take), then the last b + 1 layers of the last up block from the kept
+    feature, and the output convolution. With a fresh feature it gives the whole U-Net's output; DeepCache's
+    DeepCacheSDHelper skips the same modules."""
+
+    def __init__(self, model: UNet2DConditionModel, branch: int):
+        super().__init__()
+        self.model, self.branch = model, branch
+        cfg = model.config
+        self.extras = [name for name, has in (("class_labels", cfg.class_embed_type or cfg.num_class_embeds),
+                                              ("timestep_cond", cfg.time_cond_proj_dim)) if has]
+
+    def forward(self, sample, timestep, encoder_hidden_states, *extras_and_feature):
+        # (B, C, h, w), (B,), (B, S, D)[, class_labels][, timestep_cond], deep_feature (B, F, h, w) -> (B, C', h, w)
+        m, extras, feature = self.model, dict(zip(self.extras, extras_and_feature[:-1])), extras_and_feature[-1]
+        emb = m.time_embedding(m.get_time_embed(sample=sample, timestep=timestep), extras.get("timestep_cond"))
+        class_emb = m.get_class_embed(sample=sample, class_labels=extras.get("class_labels"))
+        if class_emb is not None:
+            emb = torch.cat([emb, class_emb], dim=-1) if m.config.class_embeddings_concat else emb + class_emb
+        if m.time_embed_act is not None:
+            emb = m.time_embed_act(emb)
+        skips = [m.conv_in(sample)]
+        for j in range(self.branch):
+            skips.append(_run_layer(m.down_blocks[0], j, skips[-1], emb, encoder_hidden_states))
+        up = m.up_blocks[-1]
+        hidden = feature
+        for j in range(len(up.resnets) - 1 - self.branch, len(up.resnets)):
+            hidden = _run_layer(up, j, torch.cat([hidden, skips.pop()], dim=1), emb, encoder_hidden_states)
+        if m.conv_norm_out is not None:
+            hidden = m.conv_act(m.conv_norm_out(hidden))
+        return m.conv_out(hidden)
+
+
 class VaeDecoder(torch.nn.Module):
     def __init__(self, model: AutoencoderKL):
         super().__init__()
@@ -101,13 +166,15 @@ class ImageEncoder(torch.nn.Module):
         return self.model(pixel_values).image_embeds
 
 
-def load_modules(model_dir: Path, names: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder")) -> dict[str, torch.nn.Module]:
+def load_modules(model_dir: Path, names: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder", "vae_encoder"),
+                 cache_branch: int | None = None) -> dict[str, torch.nn.Module]:
     text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet", torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae", torch_dtype=torch.float32)
     modules = {
         "text_encoder": TextEncoder(text_encoder),
-        "unet": UNet(unet),
+        "unet": UNet(unet) if cache_branch is None else UNetWithFeature(unet, cache_branch),
+        "unet_shallow": UNetShallow(unet, cache_branch or 0),
         "vae_decoder": VaeDecoder(vae),
         "vae_encoder": VaeEncoder(vae),
     }
@@ -170,9 +237,12 @@ def check_export(onnx_path: Path, module: torch.nn.Module, spec: ComponentSpec, 
     """Max abs difference between ONNX Runtime and the torch module on fresh random inputs."""
     feeds = spec.sample_inputs(sizes, np.random.default_rng(1))
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    ours = session.run(None, feeds)[0]
+    outputs = session.run(None, feeds)
     with torch.no_grad():
-        ref = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs)).numpy()
-    if ours.shape != ref.shape:
-        raise RuntimeError(f"{spec.name}: ONNX output shape {ours.shape} differs from torch {ref.shape}")
-    return float(np.abs(ours - ref).max())
+        refs = module(*(torch.from_numpy(feeds[t.name]) for t in spec.inputs))
+    error = 0.0
+    for ours, ref in zip(outputs, refs if isinstance(refs, tuple) else (refs,)):
+        if ours.shape != tuple(ref.shape):
+            raise RuntimeError(f"{spec.name}: ONNX output shape {ours.shape} differs from torch {tuple(ref.shape)}")
+        error = max(error, float(np.abs(ours - ref.numpy()).max()))
+    return error

@@ -22,7 +22,7 @@ from .errors import SdrtError, as_field
 from .files import remove_leftovers
 
 STRINGS = ("prompt", "negative_prompt", "scheduler")
-INTEGERS = ("steps", "seed", "height", "width", "noise_level", "tile")
+INTEGERS = ("steps", "seed", "height", "width", "noise_level", "tile", "cache_interval")
 NUMBERS = ("guidance", "strength", "mask_blur", "guidance_cutoff")
 FILES = ("init_image", "image", "mask", "depth_map")  # paths, relative to the prompts file's folder
 FIELDS = (*STRINGS, *INTEGERS, *NUMBERS, "karras", *FILES)

@@ -67,7 +67,7 @@ def _build(args: argparse.Namespace) -> None:
         static_shape=_size("--static-shape", args.static_shape), batch=args.batch, calibration_prompts=args.calibration_prompts,
         calibration_steps=args.calibration_steps, reference_size=_size("--reference-size", args.reference_size),
         int8_method=args.int8_method, smooth_quant_alpha=args.smooth_quant_alpha, int8_ignore=tuple(args.int8_ignore),
-        accuracy_prompts=args.accuracy_prompts, accuracy_steps=args.accuracy_steps, min_psnr=args.min_psnr,
+        accuracy_prompts=args.accuracy_prompts, accuracy_steps=args.accuracy_steps, min_psnr=args.min_psnr, cache_branch=args.cache_branch,
     )
     try:
         from .exporters.build import build_engines
@@ -105,7 +105,7 @@ def generate_request(args: argparse.Namespace):
         seed=_seed(args.seed), scheduler=args.scheduler, karras=args.karras, height=args.height, width=args.width,
         num_images=args.num_images, noise=args.noise, batch_noise=args.batch_noise, long_prompts=args.long_prompts,
         strength=args.strength, mask_blur=args.mask_blur, noise_level=args.noise_level, tile=args.tile, watermark=args.watermark,
-        guidance_cutoff=args.guidance_cutoff, **images,
+        guidance_cutoff=args.guidance_cutoff, cache_interval=args.cache_interval, **images,
     )
 
 
@@ -310,6 +310,9 @@ def _info(args: argparse.Namespace) -> None:
               f"{genai['sdrt_scheduler']}); create its pipelines with {properties} to compute as sdrt does")
     elif genai:
         print(f"embedding:   OpenVINO GenAI cannot load this folder: {genai['why']}")
+    if (manifest.get("build_options") or {}).get("cache_branch") is not None:
+        print(f"step cache:  branch {manifest['build_options']['cache_branch']} (`generate --cache-interval N` runs the whole U-Net "
+              "every N steps, its shallow pass between)")
     if manifest.get("static_shape"):
         s = manifest["static_shape"]
         print(f"static:      {s['height']}x{s['width']}, {s['batch']} image(s) per prompt")
@@ -379,6 +382,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--accuracy-prompts", type=int, default=2, help="prompts of the accuracy check against fp32 (0: skip; default 2)")
     b.add_argument("--accuracy-steps", type=int, default=10, help="denoising steps of the accuracy check (default 10)")
     b.add_argument("--min-psnr", type=float, default=None, metavar="DB", help="fail the build if the image PSNR against fp32 is lower")
+    b.add_argument("--cache-branch", type=int, default=None, metavar="B", help="also export the U-Net for step caching (DeepCache; "
+                   "`generate --cache-interval N`): B = 0 recomputes only the last layer between full passes (DeepCache's SD 1.5 "
+                   "setting), higher B more of the U-Net's outer layers")
     b.add_argument("--no-cache", action="store_true", help="neither use nor fill the build cache ($SDRT_CACHE_DIR, default ~/.cache/sdrt)")
     b.add_argument("--quiet", action="store_true", help="no progress lines, only warnings and errors")
     b.set_defaults(func=_build)
@@ -414,6 +420,8 @@ def _parser() -> argparse.ArgumentParser:
                    "as Stable Diffusion's reference scripts do with SDV2; images of at least 256x256); default: none")
     g.add_argument("--tile", type=int, default=None, metavar="N", help="run the U-Net and VAE decoder on overlapping latent tiles of "
                    "at most NxN (0: never; default: 128 for x4 upscaling, else never)")
+    g.add_argument("--cache-interval", type=int, default=1, metavar="N", help="step caching (DeepCache; engines built with "
+                   "--cache-branch): the whole U-Net every N steps, its shallow pass from the kept feature between (default 1: every step whole)")
     g.add_argument("--guidance-cutoff", type=float, default=None, metavar="F", help="classifier-free guidance for the first F of the "
                    "steps only (0 .. 1; as diffusers' SDCFGCutoffCallback), then one U-Net pass per step instead of two; default: every step")
     g.add_argument("--noise-level", type=int, default=None, help="x4 upscaler: noise added to --image, 0 .. the model's max (default 20)")

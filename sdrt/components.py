@@ -54,7 +54,15 @@ class ComponentSpec:
         return feeds
 
 
-def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
+def cache_branches(info: ModelInfo) -> int:
+    """How many step-caching branches the U-Net has: the last up block's layers but its first (DeepCache's branch b
+    keeps the output of that block's layer L-2-b and recomputes the layers after it)."""
+    return max(0, (info.unet_up_layers or 0) - 1)
+
+
+def component_specs(info: ModelInfo, cache_branch: int | None = None) -> dict[str, ComponentSpec]:
+    """cache_branch (step caching, DeepCache): the U-Net also returns the feature its shallow pass, `unet_shallow`,
+    starts from."""
     c, c_out, c_vae = info.latent_channels, info.unet_out_channels, info.vae_latent_channels
     class_labels = {"noise_level": (TensorSpec("class_labels", "int64", ("batch",)),),
                     "image_embeds": (TensorSpec("class_labels", "float32", ("batch", 2 * (info.image_embed_dim or 0))),)}.get(info.class_labels, ())
@@ -86,6 +94,11 @@ def component_specs(info: ModelInfo) -> dict[str, ComponentSpec]:
             (TensorSpec("latent_parameters", "float32", ("batch", 2 * c_vae, "latent_height", "latent_width")),),
         ),
     }
+    if cache_branch is not None:
+        feature = TensorSpec("deep_feature", "float32", ("batch", info.unet_base_channels, "latent_height", "latent_width"))
+        unet = specs["unet"]
+        specs["unet"] = dataclasses.replace(unet, outputs=(*unet.outputs, feature))
+        specs["unet_shallow"] = ComponentSpec("unet_shallow", (*unet.inputs, feature), unet.outputs)
     if info.clip_processor:  # unCLIP's CLIP vision encoder at its processor's crop size
         crop = (info.clip_processor["crop_height"], info.clip_processor["crop_width"])
         specs["image_encoder"] = ComponentSpec(

@@ -47,6 +47,8 @@ class ModelInfo:
     image_normalizer: dict | None = None  # unCLIP: {"mean": [...], "std": [...]} of the image embeddings (filled in by the build)
     guidance_embed_dim: int | None = None  # LCM-distilled U-Nets: the guidance scale enters as an embedding of this size (timestep_cond)
     vae_sample_size: int | None = None  # the VAE config's sample_size (pixels): the tile side of diffusers' tiled decoding; None: 512
+    unet_up_layers: int | None = None  # layers of the U-Net's last up block (its first layers_per_block + 1): step caching's branches
+    unet_base_channels: int | None = None  # the U-Net's first block_out_channels: channels of the feature step caching keeps
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -124,6 +126,9 @@ def read_model_info(model_dir: Path) -> ModelInfo:
     vae_sample = vae.get("sample_size", 32)  # diffusers' default; a [height, width] list tiles by its first value, as diffusers does
     vae_sample = _int({"sample_size": vae_sample[0] if isinstance(vae_sample, list) and vae_sample else vae_sample}, paths["vae"],
                       "sample_size", vae_scale, MAX_SIZE)
+    unet_layers = unet.get("layers_per_block", 2)  # an int, or one per down block (the last up block mirrors the first)
+    unet_layers = _int({"layers_per_block": unet_layers[0] if isinstance(unet_layers, list) and unet_layers else unet_layers},
+                       paths["unet"], "layers_per_block", 1, 16)
     sample_size = unet.get("sample_size", 64)
     sizes = sample_size if isinstance(sample_size, list) and len(sample_size) == 2 else [sample_size]
     height, width = (_int({"sample_size": v}, paths["unet"], "sample_size", 1, MAX_SIZE // vae_scale) * vae_scale for v in sizes * (3 - len(sizes)))
@@ -177,5 +182,7 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         low_res_scheduler=read_json(model_dir / "low_res_scheduler" / "scheduler_config.json") if upscaler else None,
         guidance_embed_dim=_int(unet, paths["unet"], "time_cond_proj_dim", 1, MAX_CHANNELS) if unet.get("time_cond_proj_dim") else None,
         vae_sample_size=vae_sample,
+        unet_up_layers=unet_layers + 1,
+        unet_base_channels=_ints(unet, paths["unet"], "block_out_channels", 1, MAX_CHANNELS, 8)[0],
         **unclip_info,
     )

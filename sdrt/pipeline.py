@@ -79,6 +79,7 @@ class GenerateRequest:
     tile: int | None = None  # U-Net and VAE decoder on latent tiles of at most tile x tile (0: never; None: the task's default)
     watermark: str | None = None  # text embedded invisibly as SD's reference scripts do (sdrt/watermark.py); None: none
     guidance_cutoff: float | None = None  # classifier-free guidance only up to this fraction of the steps (0 .. 1); None: all
+    cache_interval: int = 1  # step caching: the whole U-Net every N steps, its shallow pass between (engines built with --cache-branch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,20 +126,22 @@ class StableDiffusion:
         self.low_memory = False  # one component open at a time, each loaded when needed (from_engine_folder's low_memory)
         self._tiny_decoder = False  # the folder decodes with an AutoencoderTiny (sdrt build --vae-decoder)
         self.vae_precision: str | None = None  # the VAE decoder's compute type when not the build's (from_engine_folder)
+        self.cache_branch: int | None = None  # the folder's step-caching branch (sdrt build --cache-branch), None: no step caching
 
-    def engine(self, name: str) -> Engine:
+    def engine(self, name: str, keep: tuple[str, ...] = ()) -> Engine:
+        """The component `name`, loaded if it is not open; in low-memory mode the others but `keep` are closed first."""
         if name not in self.engines:
             if self._load_engine is None:
                 raise SdrtError(f"this pipeline has no {name} engine")
             if self.low_memory:
-                self._release()
+                self._release(keep)
             self.engines[name] = self._load_engine(name)
         return self.engines[name]
 
-    def _release(self) -> None:
-        """Low-memory mode: every open component closed (the next is loaded when asked for)."""
-        while self.engines:
-            self.engines.popitem()[1].close()
+    def _release(self, keep: tuple[str, ...] = ()) -> None:
+        """Low-memory mode: every open component but `keep` closed (the next is loaded when asked for)."""
+        for name in [n for n in self.engines if n not in keep]:
+            self.engines.pop(name).close()
 
     @classmethod
     def from_engine_folder(cls, engine_dir: Path, device: str | None = None, threads: int = 0, verify: str = "changed",
@@ -206,6 +209,7 @@ class StableDiffusion:
         pipe.low_memory = low_memory
         pipe.vae_precision = vae_precision
         pipe._tiny_decoder = bool((manifest.get("prepared") or {}).get("vae_decoder"))
+        pipe.cache_branch = (manifest.get("build_options") or {}).get("cache_branch")
         return pipe
 
     def close(self) -> None:
@@ -256,6 +260,12 @@ class StableDiffusion:
                 raise SdrtError(f"--guidance-cutoff {req.guidance_cutoff} is not accepted: a fraction of the steps, 0 .. 1")
             if self.static_shape:
                 raise SdrtError("--guidance-cutoff needs engines with a dynamic batch; these were built with --static-shape")
+        if req.cache_interval < 1:
+            raise SdrtError(f"--cache-interval {req.cache_interval} is not accepted: 1 (every step whole) or more")
+        if req.cache_interval > 1 and self.cache_branch is None:
+            raise SdrtError("--cache-interval needs engines built for step caching: rebuild with `sdrt build --cache-branch 0`")
+        if req.cache_interval > 1 and s.tile:
+            raise SdrtError("--cache-interval does not combine with --tile: the tiles would need a cached feature each")
         if req.tile is not None and (req.tile < 0 or 0 < req.tile < TILE_MIN):
             raise SdrtError(f"--tile {req.tile} is not accepted: 0 (no tiling) or at least {TILE_MIN} latent pixels")
         if req.watermark is not None:
@@ -329,7 +339,9 @@ class StableDiffusion:
         unet = self.engine("unet")
         if s.tile:
             unet = TiledEngine(unet, "sample", "out_sample", s.tile, s.tile // 4)
-        latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress, on_step, req.guidance_cutoff)
+        shallow = self.engine("unet_shallow", keep=("unet",)) if req.cache_interval > 1 else None
+        latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress, on_step, req.guidance_cutoff,
+                                (shallow, req.cache_interval))
         decoder = self.engine("vae_decoder")
         if s.tile:
             decoder = TiledEngine(decoder, "latent_sample", "sample", s.tile, s.tile // 4, scale=f)
@@ -343,10 +355,15 @@ class StableDiffusion:
         return [embed_watermark(image, req.watermark) for image in images] if req.watermark is not None else images
 
     def _denoise(self, start: Start, scheduler, unet: Engine, context: np.ndarray, guidance: np.float32, noise, progress: bool,
-                 on_step: Callable[[int, int, np.ndarray], bool] | None = None, guidance_cutoff: float | None = None) -> np.ndarray:
-        """The loop every task shares: classifier-free guidance (cut off after a fraction of the steps if asked),
-        the scheduler's steps from its begin index, progress and cancellation. context: (2n, S, D) with guidance > 1,
-        else (n, S, D) -> latents (n, C, h, w) float32."""
+                 on_step: Callable[[int, int, np.ndarray], bool] | None = None, guidance_cutoff: float | None = None,
+                 step_cache: tuple[Engine | None, int] = (None, 1)) -> np.ndarray:
+        """The loop every task shares: classifier-free guidance (cut off after a fraction of the steps if asked), step
+        caching (step_cache: the U-Net's shallow pass and N: the whole U-Net on every N-th step from the first, the
+        shallow pass from its kept feature between, as DeepCache's uniform schedule), the scheduler's steps from its
+        begin index, progress and cancellation. context: (2n, S, D) with guidance > 1, else (n, S, D) -> latents
+        (n, C, h, w) float32."""
+        shallow, interval = step_cache
+        kept = None  # (b, F, h, w): the deep feature of the last whole pass
         latents, extra, feeds = start.latents, start.unet_extra, dict(start.unet_feeds)
         n = latents.shape[0]
         guided = context.shape[0] == 2 * n
@@ -362,12 +379,18 @@ class StableDiffusion:
             if guided and i > last_guided:  # the conditional half alone from here: one U-Net pass of batch n
                 guided = False
                 context, extra, feeds = conditional
+                kept = None if kept is None else kept[n:]
             model_input = np.concatenate([latents, latents]) if guided else latents
             model_input = scheduler.scale_model_input(model_input, i)
             if extra is not None:
                 model_input = np.concatenate([model_input, extra], axis=1)  # (b, C + c, h, w)
             timestep = np.full((model_input.shape[0],), scheduler.timesteps[i], dtype=np.float32)
-            out = unet.run({"sample": model_input, "timestep": timestep, "encoder_hidden_states": context, **feeds})["out_sample"]
+            step_feeds = {"sample": model_input, "timestep": timestep, "encoder_hidden_states": context, **feeds}
+            if shallow is not None and kept is not None and (i - scheduler.begin) % interval:
+                out = shallow.run({**step_feeds, "deep_feature": kept})["out_sample"]
+            else:
+                result = unet.run(step_feeds)
+                out, kept = result["out_sample"], result.get("deep_feature")
             if guided:
                 uncond, cond = out[:n], out[n:]
                 out = uncond + guidance * (cond - uncond)
@@ -431,6 +454,7 @@ class StableDiffusion:
             "tile": s.tile,
             "watermark": req.watermark,
             "guidance_cutoff": req.guidance_cutoff,
+            "cache_interval": req.cache_interval,
             "low_memory": self.low_memory,
             "vae_precision": self.vae_precision,  # None: the build's
             "model_hash": model_hash(manifest) if manifest else None,
