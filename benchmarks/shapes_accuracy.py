@@ -1,7 +1,7 @@
 """Prompt accuracy of engines built from sdrt's shapes model, read by the semantic evaluator.
 
     python benchmarks/shapes_accuracy.py ENGINES [--task txt2img|img2img|inpaint] [--seen 120] [--held-out 48]
-                                         [--strength S] [--guidance-cutoff F] [--vae-precision bf16]
+                                         [--strength S] [--guidance-cutoff F] [--cache-interval N] [--vae-precision bf16]
                                          [--out report.json] [--examples strip.png]
 
 Draws (prompt, seed) pairs from the grammar (seen color+shape pairs, and the held-out ones the
@@ -96,12 +96,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--scheduler", default=None)
     parser.add_argument("--guidance-cutoff", type=float, default=None, help="as for sdrt generate: a shortcut's cost in accuracy")
+    parser.add_argument("--cache-interval", type=int, default=None, help="as for sdrt generate (engines built with --cache-branch)")
     parser.add_argument("--vae-precision", default=None, help="as for sdrt generate")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     pipe = StableDiffusion.from_engine_folder(args.engines, vae_precision=args.vae_precision)
     overrides = {k: v for k, v in (("guidance", args.guidance), ("steps", args.steps), ("scheduler", args.scheduler),
-                                   ("strength", args.strength), ("guidance_cutoff", args.guidance_cutoff)) if v is not None}
+                                   ("strength", args.strength), ("guidance_cutoff", args.guidance_cutoff),
+                                   ("cache_interval", args.cache_interval)) if v is not None}
     started = time.perf_counter()
     examples: list = []
     report = {

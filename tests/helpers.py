@@ -1,4 +1,5 @@
 """The `sdrt` command in a subprocess, and the shape of a clean error."""
+# Output is decoded as UTF-8, not by the locale: a library imported during the run may set it to C.
 
 import os
 import socket
@@ -15,13 +16,13 @@ def sdrt(*args, blocked: Path | None = None, cwd: Path | None = None, cache_dir:
         env["SDRT_CACHE_DIR"] = str(cache_dir)
     if blocked:
         env["PYTHONPATH"] = os.pathsep.join([str(blocked), env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(os.fsencode, args)], capture_output=True, text=True, env=env, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "sdrt.cli", *map(os.fsencode, args)], capture_output=True, encoding="utf-8", env=env, cwd=cwd,
                           timeout=timeout)
 
 
 def sdrt_background(*args, cache_dir: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, **({"SDRT_CACHE_DIR": str(cache_dir)} if cache_dir else {})}
-    return subprocess.Popen([sys.executable, "-m", "sdrt.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, "-m", "sdrt.cli", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8", env=env)
 
 
 def assert_clean_error(result, *fragments):
@@ -66,7 +67,7 @@ def start_server(engines: Path, *args, timeout: float = 60) -> tuple[subprocess.
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "sdrt.cli", "serve", str(engines), "--port", str(port), *map(str, args)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while True:

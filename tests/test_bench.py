@@ -20,7 +20,7 @@ def test_bench_smoke(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--height", "16", "--width", "16",
                              "--steps", "3", "--tasks", "txt2img,inpaint", "--backends", "onnxruntime", "--precisions", "fp32", "--shapes", "dynamic,static", "--out", out,
                              "--threads", "1", "--baseline", "diffusers", "--build-arg=--accuracy-prompts=0", "--generate-arg=--low-memory",
-                             "--generate-arg=--guidance-cutoff 0.5"], capture_output=True, text=True, timeout=900)
+                             "--generate-arg=--guidance-cutoff 0.5"], capture_output=True, encoding="utf-8", timeout=900)  # not the locale's: a library in the run may change it
     assert result.returncode == 0, result.stderr
     assert "timing the diffusers baseline" in result.stderr and "[18/18]" in result.stderr  # progress lines
     results = json.loads((out / "results.json").read_text())
@@ -68,6 +68,6 @@ def test_bench_smoke(tmp_path):
                                                   ("--tasks", "txt2img,outpaint", "--tasks 'txt2img,outpaint' is not supported: accepted values are txt2img, img2img, inpaint, depth, upscale, unclip")])
 def test_bench_refuses_unknown_values(tmp_path, option, value, message):
     result = subprocess.run([sys.executable, "-m", "sdrt.cli", "bench", "--model", "tiny", "--out", tmp_path / "run", option, value],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, encoding="utf-8", timeout=120)
     assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
