@@ -7,6 +7,7 @@ saved beside the portable ONNX file, so that loading skips optimisation.
 from __future__ import annotations
 
 import mmap
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -87,8 +88,26 @@ def optimized_name(device: str) -> str:
     return f"model.{device}-optimized.onnx"
 
 
+_arena_lock = threading.Lock()
+_arena_registered = False  # whether this process has registered its CPU arena with ONNX Runtime's environment
+
+
+def _share_arena(options: ort.SessionOptions) -> None:
+    """One CPU arena for every session of the process instead of one each: a pipeline's peak is then its largest
+    component's working memory, not the sum (SD 1.5 at 512x512 with step caching: 9.5 -> 6.2 GB, same image; README,
+    Engine folder)."""
+    global _arena_registered
+    with _arena_lock:
+        if not _arena_registered:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, None)
+            _arena_registered = True
+    options.add_session_config_entry("session.use_env_allocators", "1")
+
+
 def _session_options(threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
+    _share_arena(options)
     options.intra_op_num_threads = threads or usable_cores()  # ONNX Runtime's own default ignores the CPU affinity
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
