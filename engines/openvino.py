@@ -196,11 +196,8 @@ class OpenVinoEngine:
         """The OpenVINO GenAI view of the folder (engines/openvino_genai.py)."""
         from .openvino_genai import write_view
 
-        if cfg.cache_branch is not None:
-            return {"openvino_genai": {"loadable": False, "why": "built with --cache-branch: the U-Net has a second output (step caching's "
-                                       "feature), which OpenVINO GenAI's pipeline does not take; build without it for GenAI"}}
         return write_view(folder, model_dir, info, scheduler_config, scheduler, cls.compute_type(cfg.precision, cfg.device),
-                          static=cfg.static_shape is not None, cache=cache)
+                          static=cfg.static_shape is not None, step_cache=cfg.cache_branch is not None, cache=cache)
 
     @classmethod
     def files_to_load(cls, component_dir: Path, cfg: LoadConfig) -> list[Path]:

@@ -135,12 +135,15 @@ def _convert_tokenizer(model_dir: Path, out: Path, cache: BuildCache) -> None:
 
 
 def write_view(folder: Path, model_dir: Path, info: ModelInfo, scheduler_config: dict, scheduler: str, compute: str,
-               static: bool, cache: BuildCache) -> dict[str, Any]:
+               static: bool, cache: BuildCache, step_cache: bool = False) -> dict[str, Any]:
     """Write the view into `folder` (an engine folder being built from `model_dir`) -> manifest fields:
     {"links": {path: target}, "openvino_genai": {...}}; or only the reason GenAI cannot load it."""
     pipeline, why = pipeline_class(info)
     if static:
         pipeline, why = None, "static-shape engines: OpenVINO GenAI reshapes the models itself (build without --static-shape)"
+    if step_cache:
+        pipeline, why = None, ("built with --cache-branch: the U-Net has a second output (step caching's feature), which OpenVINO "
+                               "GenAI's pipeline does not take; build without it for GenAI")
     if pipeline is None:
         return {"openvino_genai": {"loadable": False, "why": why}}
     same_as = genai_scheduler(scheduler, scheduler_config)

@@ -283,10 +283,10 @@ def _load_tiny_decoder(source: Path, model_vae):
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise SdrtError(f"--vae-decoder {source}: not a diffusers AutoencoderTiny folder ({first_line(exc)})") from None
     c, ours = tiny.config, model_vae.config
-    scale = c.upsampling_scaling_factor ** (len(c.decoder_block_out_channels) - 1)
-    if (c.latent_channels, scale) != (ours.latent_channels, 2 ** (len(ours.block_out_channels) - 1)):
+    scale, our_scale = c.upsampling_scaling_factor ** (len(c.decoder_block_out_channels) - 1), 2 ** (len(ours.block_out_channels) - 1)
+    if (c.latent_channels, scale) != (ours.latent_channels, our_scale):
         raise SdrtError(f"--vae-decoder {source}: it decodes {c.latent_channels}-channel latents {scale}x up, this model's VAE "
-                        f"{ours.latent_channels}-channel latents {2 ** (len(ours.block_out_channels) - 1)}x up")
+                        f"{ours.latent_channels}-channel latents {our_scale}x up")
     return tiny.eval()
 
 

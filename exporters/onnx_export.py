@@ -39,13 +39,18 @@ class TextEncoder(torch.nn.Module):
         return self.model(input_ids, return_dict=False)[0]
 
 
+def _extra_inputs(model: UNet2DConditionModel) -> list[str]:
+    """The optional U-Net inputs the model has, in the order of its ComponentSpec."""
+    cfg = model.config
+    return [name for name, has in (("class_labels", cfg.class_embed_type or cfg.num_class_embeds),
+                                   ("timestep_cond", cfg.time_cond_proj_dim)) if has]
+
+
 class UNet(torch.nn.Module):
     def __init__(self, model: UNet2DConditionModel):
         super().__init__()
         self.model = model
-        cfg = model.config  # the optional inputs it has, in the order of its ComponentSpec
-        self.extras = [name for name, has in (("class_labels", cfg.class_embed_type or cfg.num_class_embeds),
-                                              ("timestep_cond", cfg.time_cond_proj_dim)) if has]
+        self.extras = _extra_inputs(model)
 
     def forward(self, sample, timestep, encoder_hidden_states, *extras):
         # (B, C, h, w), (B,), (B, S, D)[, class_labels (B,) or (B, E)][, timestep_cond (B, G)] -> (B, C', h, w)
@@ -93,9 +98,7 @@ class UNetShallow(torch.nn.Module):
     def __init__(self, model: UNet2DConditionModel, branch: int):
         super().__init__()
         self.model, self.branch = model, branch
-        cfg = model.config
-        self.extras = [name for name, has in (("class_labels", cfg.class_embed_type or cfg.num_class_embeds),
-                                              ("timestep_cond", cfg.time_cond_proj_dim)) if has]
+        self.extras = _extra_inputs(model)
 
     def forward(self, sample, timestep, encoder_hidden_states, *extras_and_feature):
         # (B, C, h, w), (B,), (B, S, D)[, class_labels][, timestep_cond], deep_feature (B, F, h, w) -> (B, C', h, w)

@@ -126,6 +126,7 @@ def read_model_info(model_dir: Path) -> ModelInfo:
     vae_sample = vae.get("sample_size", 32)  # diffusers' default; a [height, width] list tiles by its first value, as diffusers does
     vae_sample = _int({"sample_size": vae_sample[0] if isinstance(vae_sample, list) and vae_sample else vae_sample}, paths["vae"],
                       "sample_size", vae_scale, MAX_SIZE)
+    unet_blocks = _ints(unet, paths["unet"], "block_out_channels", 1, MAX_CHANNELS, 8)
     unet_layers = unet.get("layers_per_block", 2)  # an int, or one per down block (the last up block mirrors the first)
     unet_layers = _int({"layers_per_block": unet_layers[0] if isinstance(unet_layers, list) and unet_layers else unet_layers},
                        paths["unet"], "layers_per_block", 1, 16)
@@ -165,7 +166,7 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         pipeline=pipeline,
         latent_channels=_int(unet, paths["unet"], "in_channels", 1, 64, default=4),
         unet_out_channels=_int(unet, paths["unet"], "out_channels", 1, 64, default=4),
-        unet_up_factor=2 ** (len(_ints(unet, paths["unet"], "block_out_channels", 1, MAX_CHANNELS, 8)) - 1),
+        unet_up_factor=2 ** (len(unet_blocks) - 1),
         vae_scale_factor=vae_scale,
         vae_latent_channels=_int(vae, paths["vae"], "latent_channels", 1, 64, default=4),
         scaling_factor=float(scaling_factor),
@@ -183,6 +184,6 @@ def read_model_info(model_dir: Path) -> ModelInfo:
         guidance_embed_dim=_int(unet, paths["unet"], "time_cond_proj_dim", 1, MAX_CHANNELS) if unet.get("time_cond_proj_dim") else None,
         vae_sample_size=vae_sample,
         unet_up_layers=unet_layers + 1,
-        unet_base_channels=_ints(unet, paths["unet"], "block_out_channels", 1, MAX_CHANNELS, 8)[0],
+        unet_base_channels=unet_blocks[0],
         **unclip_info,
     )

@@ -34,11 +34,11 @@ def assert_clean_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
-def generate(engines: Path, **kwargs):
-    """The images of one request through the Python API, the engine folder closed after."""
+def generate(engines: Path, load: dict | None = None, **kwargs):
+    """The images of one request through the Python API (`load`: from_engine_folder's options), the folder closed after."""
     from sdrt.pipeline import GenerateRequest, StableDiffusion
 
-    pipe = StableDiffusion.from_engine_folder(engines)
+    pipe = StableDiffusion.from_engine_folder(engines, **(load or {}))
     try:
         return pipe.generate(GenerateRequest(**{"prompt": "a lighthouse at dusk", "seed": 3, **kwargs}), progress=False)
     finally:

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import picture, psnr
-from helpers import assert_clean_error, in_process
+from helpers import assert_clean_error, generate, in_process
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from diffusers.callbacks import SDCFGCutoffCallback  # noqa: E402
 
-from sdrt.pipeline import GenerateRequest, StableDiffusion  # noqa: E402
 from sdrt.schedulers import DIFFUSERS_CLASS_OF  # noqa: E402
 
 MIN_PSNR = 60.0
@@ -27,11 +26,7 @@ def _reference(cls, model, scheduler):
 
 
 def _generate(engines, **kwargs):
-    pipe = StableDiffusion.from_engine_folder(engines)
-    try:
-        return pipe.generate(GenerateRequest(prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, **kwargs), progress=False)[0]
-    finally:
-        pipe.close()
+    return generate(engines, prompt=PROMPT, negative_prompt=NEGATIVE, seed=SEED, **kwargs)[0]
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import picture, psnr
-from helpers import in_process
+from helpers import generate, in_process
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -97,14 +97,7 @@ def test_low_memory_holds_one_component_at_a_time(task, tiny_engines, monkeypatc
 
 def test_low_memory_image_equals_the_default_where_no_tile_is_needed(tiny_engines):
     """At the VAE's own size nothing is tiled: the same image as the default mode, to the bit."""
-    request = GenerateRequest(prompt=PROMPT, steps=4, seed=SEED)
-    images = []
-    for low_memory in (False, True):
-        pipe = StableDiffusion.from_engine_folder(tiny_engines["sd1"], low_memory=low_memory)
-        try:
-            images.append(pipe.generate(request, progress=False)[0])
-        finally:
-            pipe.close()
+    images = [generate(tiny_engines["sd1"], {"low_memory": low_memory}, prompt=PROMPT, steps=4, seed=SEED)[0] for low_memory in (False, True)]
     assert np.array_equal(*images)
 
 

@@ -85,16 +85,8 @@ def test_cached_image_matches_deepcache(kind, scheduler, steps, interval, guidan
 
 
 def test_step_cache_works_with_guidance_cutoff_and_low_memory(cached_engines):
-    from sdrt.pipeline import GenerateRequest, StableDiffusion
-
-    request = GenerateRequest(prompt=PROMPT, steps=8, seed=SEED, cache_interval=2, guidance_cutoff=0.5)
-    images = []
-    for low_memory in (False, True):
-        pipe = StableDiffusion.from_engine_folder(cached_engines["sd1"], low_memory=low_memory)
-        try:
-            images.append(pipe.generate(request, progress=False)[0])
-        finally:
-            pipe.close()
+    settings = dict(prompt=PROMPT, steps=8, seed=SEED, cache_interval=2, guidance_cutoff=0.5)
+    images = [generate(cached_engines["sd1"], {"low_memory": low_memory}, **settings)[0] for low_memory in (False, True)]
     assert np.array_equal(*images)
 
 

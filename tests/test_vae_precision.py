@@ -4,22 +4,17 @@ import numpy as np
 import pytest
 
 from conftest import psnr
-from helpers import assert_clean_error, in_process
+from helpers import assert_clean_error, generate, in_process
 
 ov = pytest.importorskip("openvino")
 
 from sdrt.image_io import read_metadata  # noqa: E402
-from sdrt.pipeline import GenerateRequest, StableDiffusion  # noqa: E402
 
 NATIVE_BF16 = "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 def _image(engines, vae_precision):
-    pipe = StableDiffusion.from_engine_folder(engines, vae_precision=vae_precision)
-    try:
-        return pipe.generate(GenerateRequest(prompt="a lighthouse at dusk", steps=4, seed=3, height=32, width=32), progress=False)[0]
-    finally:
-        pipe.close()
+    return generate(engines, {"vae_precision": vae_precision}, steps=4, height=32, width=32)[0]
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="openvino reports no native bf16 on this CPU (needs AVX512_BF16 or AMX)")
