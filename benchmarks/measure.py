@@ -13,7 +13,6 @@ for sdrt and diffusers; the last three need a model of that kind (--model).
 from __future__ import annotations
 
 import json
-import resource
 import statistics
 import sys
 import time
@@ -21,6 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+
+from sdrt.memory import peak_rss_mb, reset_peak
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 TASKS = ("txt2img", "img2img", "inpaint", "depth", "upscale", "unclip")
@@ -49,28 +50,8 @@ def task_inputs(task: str, height: int, width: int) -> dict:
     return {}
 
 
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM belongs to this program image; ru_maxrss on Linux
-    also counts the parent's pages from before exec."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _p90(values: list[float]) -> float:
     return float(np.percentile(values, 90))
-
-
-def _reset_peak() -> bool:
-    """VmHWM back to the current RSS (Linux: /proc/self/clear_refs), so that the next reading is one stage's peak."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 class TimedEngine:
@@ -117,12 +98,12 @@ def measure_sdrt(a: dict) -> dict:
         started = time.perf_counter()
         StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify=verify).close()
         loads[name] = time.perf_counter() - started
-    staged = _reset_peak()  # False where the OS cannot: then only the whole run's peak is known
+    staged = reset_peak()  # False where the OS cannot: then only the whole run's peak is known
     started = time.perf_counter()
     pipe = StableDiffusion.from_engine_folder(folder, threads=a["threads"], verify="changed", low_memory=options.low_memory,
                                               vae_precision=options.vae_precision)
     loads["changed"] = time.perf_counter() - started
-    stage_peaks = {"load": _peak_rss_mb(), "denoise": 0.0, "decode": 0.0}  # denoise: text encoding and the loop
+    stage_peaks = {"load": peak_rss_mb(), "denoise": 0.0, "decode": 0.0}  # denoise: text encoding and the loop
     seconds: dict[str, list[float]] = {}
     load_engine = pipe._load_engine
     pipe._load_engine = lambda name: TimedEngine(load_engine(name), seconds.setdefault(name, []))  # low memory loads as it goes
@@ -130,8 +111,8 @@ def measure_sdrt(a: dict) -> dict:
 
     def denoised(done: int, total: int, latents) -> bool:
         if done == total:
-            stage_peaks["denoise"] = max(stage_peaks["denoise"], _peak_rss_mb())
-            _reset_peak()
+            stage_peaks["denoise"] = max(stage_peaks["denoise"], peak_rss_mb())
+            reset_peak()
         return True
 
     for _ in range(a["warmup"]):
@@ -140,11 +121,11 @@ def measure_sdrt(a: dict) -> dict:
     for times in seconds.values():
         times.clear()
     for _ in range(a["repeat"]):
-        _reset_peak()
+        reset_peak()
         started = time.perf_counter()
         image = pipe.generate(req, progress=False, on_step=denoised)[0]
         e2e.append(time.perf_counter() - started)
-        stage_peaks["decode"] = max(stage_peaks["decode"], _peak_rss_mb())
+        stage_peaks["decode"] = max(stage_peaks["decode"], peak_rss_mb())
     if a.get("image_out"):
         np.save(a["image_out"], image)
     pipe.close()
@@ -230,7 +211,7 @@ def measure_diffusers(a: dict) -> dict:
         started = time.perf_counter()
         run()
         e2e.append(time.perf_counter() - started)
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     image = (torch.rand(1, 3, a["height"], a["width"]) * 2 - 1).to(dtype)
     encode = []
     with torch.inference_mode():
@@ -298,7 +279,7 @@ def measure_genai(a: dict) -> dict:
         "load_s": loads[0], "load_warm_s": loads[1], "scheduler": scheduler,
         "text_encoder_s": statistics.median(text), "unet_step_s": statistics.median(unet), "unet_step_p90_s": _p90(unet),
         "vae_decode_s": statistics.median(decode), "vae_encode_s": statistics.median(encode) if images else None,
-        "e2e_s": statistics.median(e2e), "peak_rss_mb": _peak_rss_mb(),
+        "e2e_s": statistics.median(e2e), "peak_rss_mb": peak_rss_mb(),
     }
 
 

@@ -77,7 +77,7 @@ class LoadConfig:
 
 
 class Engine(Protocol):
-    artifact_layout: int  # bumped when the files `build` writes change shape: build-cache entries of another layout are not reused
+    artifact_layout: int  # bumped when what `build` writes changes (its files or how they are made): older build-cache entries are not reused
 
     @classmethod
     def version(cls) -> str: ...

@@ -105,9 +105,10 @@ def _share_arena(options: ort.SessionOptions) -> None:
     options.add_session_config_entry("session.use_env_allocators", "1")
 
 
-def _session_options(threads: int) -> ort.SessionOptions:
+def _session_options(threads: int, shared_arena: bool = True) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    _share_arena(options)
+    if shared_arena:
+        _share_arena(options)
     options.intra_op_num_threads = threads or usable_cores()  # ONNX Runtime's own default ignores the CPU affinity
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -140,7 +141,7 @@ class OnnxRuntimeEngine:
 
     @classmethod
     def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
-        return cfg.precision == "int8" and cfg.int8_method == "static" and component == "unet"
+        return cfg.precision == "int8" and cfg.int8_method == "static" and component in ("unet", "unet_shallow")
 
     @classmethod
     def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig, static_sizes: dict[str, int] | None = None,
@@ -150,7 +151,7 @@ class OnnxRuntimeEngine:
         convolutions lose quality and gain no speed as ConvInteger on the CPU)."""
         cls.check(cfg)
         source = onnx_path
-        if cfg.precision == "int8" and spec.name in ("unet", "text_encoder"):
+        if cfg.precision == "int8" and spec.name in ("unet", "unet_shallow", "text_encoder"):
             from .quantize_onnx import quantize_dynamic_int8, quantize_static_int8
 
             if cls.needs_calibration(spec.name, cfg):
@@ -183,8 +184,10 @@ class OnnxRuntimeEngine:
 
     @classmethod
     def load_graph(cls, path: Path, spec: ComponentSpec, cfg: LoadConfig) -> "OnnxRuntimeEngine":
-        """A session on any ONNX file (the build's fp32 reference uses the portable graphs)."""
-        options = _session_options(cfg.threads)
+        """A session on any ONNX file (the build's fp32 reference uses the portable graphs), with an arena of its own:
+        the shared one keeps what it took for the life of the process, and the build gives the reference's memory
+        back before it quantizes (SD 1.5 U-Net at 512x512: 3.4 GB kept after close with the shared arena, none without)."""
+        options = _session_options(cfg.threads, shared_arena=False)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return cls(ort.InferenceSession(str(path), options, providers=_providers(cfg.device)), spec)
 

@@ -57,16 +57,24 @@ def _requests(pipe: StableDiffusion, prompts: list[str], steps: int, size: tuple
                             num_images=num_images, **_task_inputs(pipe.tasks, size, k, pipe.info.vae_scale_factor)) for k, p in enumerate(prompts)]
 
 
-def record_unet_inputs(reference: StableDiffusion, prompts: list[str], steps: int, size: tuple[int, int]) -> list[dict[str, np.ndarray]]:
-    """The U-Net's actual inputs at every step of fp32 runs of `prompts`."""
-    recorder = RecordingEngine(reference.engines["unet"])
-    reference.engines["unet"] = recorder
+def record_unet_inputs(reference: StableDiffusion, prompts: list[str], steps: int, size: tuple[int, int]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """{component: its actual inputs} over every step of fp32 runs of `prompts`: the U-Net's, and with step caching
+    its shallow pass's as cached runs feed it (each step's inputs with the feature the previous step's U-Net kept)."""
+    unet = reference.engines["unet"]
+    recorded: dict[str, list[dict[str, np.ndarray]]] = {"unet": []}
+    if "unet_shallow" in reference.engines:
+        recorded["unet_shallow"] = []
     try:
         for req in _requests(reference, prompts, steps, size):
+            recorder = reference.engines["unet"] = RecordingEngine(unet)
             reference.generate(req, progress=False)
+            recorded["unet"] += recorder.feeds
+            if "unet_shallow" in recorded:
+                recorded["unet_shallow"] += [{**feeds, "deep_feature": kept["deep_feature"]}
+                                             for feeds, kept in zip(recorder.feeds[1:], recorder.outputs)]
     finally:
-        reference.engines["unet"] = recorder.engine
-    return recorder.feeds
+        reference.engines["unet"] = unet
+    return recorded
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -81,34 +89,39 @@ def _errors(ours: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
     return float(np.abs(a - b).max()), cosine
 
 
-def accuracy_report(reference: StableDiffusion, candidate: StableDiffusion, prompts: list[str],
-                    steps: int, size: tuple[int, int], num_images: int = 1) -> dict:
-    """Images and components of `candidate` against `reference` on the same prompts and seeds."""
+def reference_runs(reference: StableDiffusion, prompts: list[str], steps: int, size: tuple[int, int], num_images: int = 1) -> dict:
+    """What candidates are compared with: the reference's images of `prompts` (fixed seeds) and, per component, inputs
+    it really saw with its outputs. Held as arrays, so that the reference can be closed before a candidate loads."""
     recorders = {name: RecordingEngine(engine, keep_every=4 if name == "unet" else 1) for name, engine in reference.engines.items()}
     reference.engines.update(recorders)
+    requests = _requests(reference, prompts, steps, size, num_images)
     try:
-        psnrs, images = [], []
-        for req in _requests(reference, prompts, steps, size, num_images):
-            ref_images = reference.generate(req, progress=False)
-            psnrs += [psnr(ours, ref) for ours, ref in zip(candidate.generate(req, progress=False), ref_images)]
-            images += ref_images
+        images = [image for req in requests for image in reference.generate(req, progress=False)]
+        encoder = recorders["vae_encoder"]
+        if not encoder.feeds:  # the task draws from text alone: the encoder sees the reference's own images, in [-1, 1]
+            for image in images[:2]:
+                encoder.run({"sample": (image.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(127.5) - 1)})
     finally:
         reference.engines.update({name: r.engine for name, r in recorders.items()})
+    return {"prompts": prompts, "steps": steps, "size": size, "requests": requests, "images": images,
+            "components": {name: list(zip(r.feeds, r.outputs)) for name, r in recorders.items()}}
 
+
+def accuracy_report(runs: dict, candidate: StableDiffusion) -> dict:
+    """Images and components of `candidate` against the reference's `runs` (reference_runs) on the same prompts and seeds."""
+    ours = [image for req in runs["requests"] for image in candidate.generate(req, progress=False)]
+    psnrs = [psnr(a, b) for a, b in zip(ours, runs["images"])]
     components = {}
-    encoder = recorders["vae_encoder"]
-    if not encoder.feeds:  # the task draws from text alone: the encoder sees the reference's own images, in [-1, 1]
-        for image in images[:2]:
-            encoder.run({"sample": (image.astype(np.float32).transpose(2, 0, 1)[None] / np.float32(127.5) - 1)})
-    for name, recorder in recorders.items():
+    for name, recorded in runs["components"].items():
         worst_abs, worst_cos = 0.0, 1.0
-        for feeds, ref_out in zip(recorder.feeds, recorder.outputs):
+        for feeds, ref_out in recorded:
             out = candidate.engines[name].run(feeds)
             for key, value in ref_out.items():
                 max_abs, cosine = _errors(out[key], value)
                 worst_abs, worst_cos = max(worst_abs, max_abs), min(worst_cos, cosine)
         components[name] = {"max_abs_error": worst_abs, "cosine_similarity": worst_cos}
+    height, width = runs["size"]
     return {
-        "prompts": prompts, "steps": steps, "height": size[0], "width": size[1], "scheduler": "dpmpp_2m", "guidance": 7.5,
+        "prompts": runs["prompts"], "steps": runs["steps"], "height": height, "width": width, "scheduler": "dpmpp_2m", "guidance": 7.5,
         "image_psnr_db": psnrs, "min_image_psnr_db": min(psnrs), "components": components,
     }

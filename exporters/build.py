@@ -30,6 +30,7 @@ from sdrt.errors import SdrtError, first_line
 from sdrt.files import hold, locked, remove_leftovers, temporary_folder, untrack
 from sdrt.image_io import usual_mode
 from sdrt.manifest import MANIFEST, file_sha256, hash_files, write_manifest
+from sdrt.memory import Stages, give_back_freed
 from sdrt.model_info import ModelInfo, read_json, read_model_info, scheduler_config_path
 from sdrt.pipeline import StableDiffusion
 from sdrt.schedulers import DIFFUSERS_CLASS_NAMES, default_scheduler_name, make_scheduler, resolve_scheduler
@@ -309,8 +310,10 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = temporary_folder(out.parent, f".{out.name}.building-")
         staging_lock = hold(staging)  # the folder is this live build's until the process ends, however it ends
-        started = time.perf_counter()
-        export_errors, export_hit, known = _export(model_dir, info, specs, staging, cache, cfg.cache_branch)  # portable graphs: never rewritten
+        started, stages = time.perf_counter(), Stages()
+        with stages.stage("export"):
+            export_errors, export_hit, known = _export(model_dir, info, specs, staging, cache, cfg.cache_branch)  # portable graphs: never rewritten
+            give_back_freed()  # torch's copies of the weights
         onnx_hashes = {name: [known[p] for p in _files(staging / name)] for name in specs}
         prompt_sets = extras.get("prompts", {})
         calibration_prompts = list(prompt_sets.get("calibration", prompts.CALIBRATION))[: cfg.calibration_prompts]
@@ -330,14 +333,19 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
                 log.info("%s engine: the build cache has it", name)
             else:
                 if needs_calibration and calibration is None:
-                    reference = reference or _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
                     log.info("recording U-Net inputs of %d prompts x %d steps at %dx%d for calibration", len(calibration_prompts),
                              cfg.calibration_steps, *reference_size)
                     from .accuracy import record_unet_inputs
 
-                    calibration = record_unet_inputs(reference, calibration_prompts, cfg.calibration_steps, reference_size)
+                    with stages.stage("calibration"):  # the reference is closed after: quantization needs the memory
+                        reference = _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
+                        calibration = record_unet_inputs(reference, calibration_prompts, cfg.calibration_steps, reference_size)
+                        reference.close()
+                        reference = None
+                        give_back_freed()
                 log.info("building the %s engine (%s, %s, %s)", name, cfg.backend, cfg.precision, cfg.device)
-                built = engine.build(staging / name / "model.onnx", spec, cfg, sizes, calibration if needs_calibration else None)
+                with stages.stage(name):
+                    built = engine.build(staging / name / "model.onnx", spec, cfg, sizes, calibration[name] if needs_calibration else None)
                 placed = cache.store(key, built)
             known.update(placed)
             components[name] = {"spec": (static_spec(spec, sizes) if sizes else spec).to_json(), "export_max_abs_error": export_errors[name],
@@ -360,17 +368,23 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
             if cached:
                 accuracy = json.loads(next(iter(cached)).read_text())
         if accuracy is None and cfg.accuracy_prompts:
-            from .accuracy import accuracy_report
+            from .accuracy import accuracy_report, reference_runs
 
-            reference = reference or _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
-            load_cfg = LoadConfig(device=cfg.device, threads=cfg.threads, precision=cfg.precision)
-            built = {name: engine.load(staging / name, ComponentSpec.from_json(components[name]["spec"]), load_cfg) for name in specs}
-            candidate = StableDiffusion(info, scheduler_config, reference.tokenizer, built)
             log.info("checking accuracy against fp32 on %d prompts x %d steps at %dx%d", len(eval_prompts), cfg.accuracy_steps, *reference_size)
-            accuracy = accuracy_report(reference, candidate, eval_prompts,
-                                       cfg.accuracy_steps, reference_size, num_images=cfg.batch if cfg.static_shape else 1)
-            for e in built.values():
-                e.close()
+            with stages.stage("accuracy"):  # the reference, then the candidate: never both open
+                reference = _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
+                runs = reference_runs(reference, eval_prompts, cfg.accuracy_steps, reference_size, num_images=cfg.batch if cfg.static_shape else 1)
+                tokenizer = reference.tokenizer
+                reference.close()
+                reference = None
+                give_back_freed()
+                load_cfg = LoadConfig(device=cfg.device, threads=cfg.threads, precision=cfg.precision)
+                built = {name: engine.load(staging / name, ComponentSpec.from_json(components[name]["spec"]), load_cfg) for name in specs}
+                candidate = StableDiffusion(info, scheduler_config, tokenizer, built)
+                try:
+                    accuracy = accuracy_report(runs, candidate)
+                finally:
+                    candidate.close()
             with tempfile.TemporaryDirectory() as tmp:
                 (Path(tmp) / "accuracy.json").write_text(json.dumps(accuracy))
                 cache.store(accuracy_key, [Path(tmp) / "accuracy.json"])
@@ -391,6 +405,7 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
             "static_shape": {"height": cfg.static_shape[0], "width": cfg.static_shape[1], "batch": cfg.batch} if cfg.static_shape else None,
             "cpu": cpu_description(),
             "build_seconds": round(time.perf_counter() - started, 2),
+            "build_stages": stages.record,  # {stage: seconds, peak RSS in MB}: export, calibration, each engine built, accuracy
             "export_cache": "hit" if export_hit else "miss",
             "components": components,
             "accuracy": accuracy,

@@ -82,10 +82,19 @@ def _build(args: argparse.Namespace) -> None:
                              source=source)
     errors = ", ".join(f"{k} {v['export_max_abs_error']:.2g}" for k, v in manifest["components"].items())
     print(f"built {args.out} ({cfg.backend} {manifest['backend']['version']}, {cfg.precision}, {cfg.device}) "
-          f"in {manifest['build_seconds']} s; export max abs error vs torch: {errors}")
+          f"in {manifest['build_seconds']} s{_build_peak(manifest)}; export max abs error vs torch: {errors}")
     accuracy = manifest["accuracy"]
     if accuracy and not accuracy.get("reference"):
         print(f"accuracy against fp32: image PSNR {accuracy['min_image_psnr_db']:.1f} dB (worst of {len(accuracy['image_psnr_db'])})")
+
+
+def _build_peak(manifest: dict) -> str:
+    """", peak memory 9.1 GB (unet)": the build's largest stage peak (what a machine needs to build these engines)."""
+    peaks = {stage: record["peak_rss_mb"] for stage, record in (manifest.get("build_stages") or {}).items() if record.get("peak_rss_mb")}
+    if not peaks:
+        return ""
+    stage = max(peaks, key=peaks.get)
+    return f", peak memory {peaks[stage] / 1024:.1f} GB ({stage})"
 
 
 def generate_request(args: argparse.Namespace):
@@ -319,6 +328,7 @@ def _info(args: argparse.Namespace) -> None:
     if manifest.get("cpu"):
         cpu = manifest["cpu"]
         print(f"built on:    {cpu['model']}, {cpu['cores']} cores, {' '.join(cpu['features']) or 'no listed features'}")
+    print(f"build:       {manifest['build_seconds']} s{_build_peak(manifest)}")
     accuracy = manifest.get("accuracy") or {}
     for name, comp in manifest["components"].items():
         line = f"  {name:<13} export max abs error vs torch {comp['export_max_abs_error']:.2e}"

@@ -63,6 +63,11 @@ def test_info_shows_the_build(tiny_engines):
     assert "v_prediction" in result.stdout and "onnxruntime" in result.stdout and "hashes verified" in result.stdout
     manifest = json.loads(sdrt("info", tiny_engines["sd2"], "--json").stdout)
     assert all(c["export_max_abs_error"] < 1e-4 for c in manifest["components"].values())
+    stages = manifest["build_stages"]  # fp32 onnxruntime: the export and each engine built (not those from the build cache)
+    assert "export" in stages and set(stages) <= {"export", *manifest["components"]}, stages
+    assert all(s["seconds"] >= 0 and s["peak_rss_mb"] > 50 for s in stages.values()), stages
+    peak = max(stages, key=lambda name: stages[name]["peak_rss_mb"])
+    assert f"build:       {manifest['build_seconds']} s, peak memory {stages[peak]['peak_rss_mb'] / 1024:.1f} GB ({peak})" in result.stdout
 
 
 @pytest.mark.parametrize(

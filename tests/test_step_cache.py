@@ -111,3 +111,30 @@ def test_openvino_engines_cache_too(tiny_models, cached_engines, tmp_path, capsy
     genai = load_manifest(folder, verify=False)["openvino_genai"]
     assert genai["loadable"] is False and "--cache-branch" in genai["why"]
     assert "step cache:  branch 0" in in_process(capsys, "info", folder).stdout
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_int8_calibrates_the_shallow_pass_too(backend, tiny_models, cached_engines, tmp_path, capsys):
+    """int8 quantizes the shallow pass's activations from recorded inputs (the feature the previous step kept), as the
+    U-Net's: before, it kept float activations (onnxruntime) or 8-bit weights only (openvino)."""
+    pytest.importorskip(backend)
+    folder = tmp_path / backend
+    assert in_process(capsys, "build", tiny_models["sd1"], "--backend", backend, "--precision", "int8", "--cache-branch", "0",
+                      "--calibration-prompts", "2", "--calibration-steps", "3", "--accuracy-prompts", "0", "--out", folder,
+                      "--quiet").returncode == 0
+    stages = load_manifest(folder, verify=False)["build_stages"]
+    assert list(stages).index("calibration") == list(stages).index("unet") - 1 and "accuracy" not in stages  # recorded once, for both
+    for name in ("unet", "unet_shallow"):
+        if backend == "onnxruntime":
+            import onnx
+
+            graph = onnx.load(str(folder / name / "model.cpu-optimized.onnx"), load_external_data=False).graph
+            ops = {n.op_type for n in graph.node}
+            quantized = {"QLinearConv", "QuantizeLinear"} & ops
+        else:
+            import openvino as ov
+
+            quantized = {op.get_type_name() for op in ov.Core().read_model(str(folder / name / "model.xml")).get_ops()} & {"FakeQuantize"}
+        assert quantized, f"{name}: no quantized activations"
+    settings = dict(steps=8, scheduler="euler", cache_interval=2)
+    assert psnr(generate(folder, **settings)[0], generate(cached_engines["sd1"], **settings)[0]) >= 20

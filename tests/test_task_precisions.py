@@ -46,12 +46,13 @@ def test_other_tasks_on_openvino_and_int8(tiny_inpaint_models, tiny_inpaint_engi
 
     pipe = StableDiffusion.from_engine_folder(tiny_inpaint_engines["sd1-inpaint"])
     try:
-        feeds = record_unet_inputs(pipe, ["a red circle"], 3, (16, 16))
+        feeds = record_unet_inputs(pipe, ["a red circle"], 3, (16, 16))["unet"]
     finally:
         pipe.close()
     assert len(feeds) == 3 and feeds[0]["sample"].shape == (2, 9, 8, 8)  # CFG batch, latents + mask + masked-image latents
     manifest = build_engines(model, root / "int8", BuildConfig(precision="int8", calibration_steps=4, accuracy_steps=4))
     assert manifest["tasks"] == ["inpaint"] and np.isfinite(manifest["accuracy"]["min_image_psnr_db"])
+    assert {"calibration", "unet", "accuracy"} <= set(manifest["build_stages"])
     assert manifest["accuracy"]["components"]["vae_encoder"]["cosine_similarity"] > 0.9
     assert generate(root / "int8", image=image, mask=mask, steps=6)[0].shape == (32, 40, 3)
 
