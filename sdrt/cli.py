@@ -447,7 +447,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--vae-precision", default=None, metavar="fp32|bf16", help="the VAE decoder's compute type (openvino engines; bf16 "
                    "needs native bf16): default the build's")
     g.add_argument("--low-memory", action="store_true", help="one component in memory at a time (each loaded when needed, released "
-                   "after) and the VAE decoded in tiles as diffusers' enable_tiling; each image pays the loads")
+                   "after), the U-Net on one guidance half at a time, the VAE decoded in tiles as diffusers' enable_tiling; "
+                   "each image pays the loads")
     g.set_defaults(func=_generate)
 
     b = sub.add_parser("generate-batch", parents=[verbose], help="one image per line of a JSON Lines file; resumable; one "

@@ -33,7 +33,7 @@ from .schedulers import default_scheduler_name, make_scheduler, resolve_schedule
 from .schedulers.base import begin_index
 from .tasks import TASKS, Start, Task, model_tasks, requested_task
 from .tasks.base import guidance_embedding
-from .tiling import TiledEngine, VaeTiledDecoder
+from .tiling import OneAtATime, TiledEngine, VaeTiledDecoder
 from .watermark import MIN_PIXELS as WATERMARK_MIN_PIXELS
 from .watermark import embed as embed_watermark
 from .watermark import text_bits
@@ -148,8 +148,8 @@ class StableDiffusion:
                            low_memory: bool = False, vae_precision: str | None = None) -> "StableDiffusion":
         """verify: always (hash every file it loads), changed (only those changed since this user last
         verified them: sdrt/verified.py), never (trust the folder; a warning says so). low_memory: the files are
-        verified now, each component is opened when a generation needs it and closed once it has done its part, and
-        the VAE decodes in tiles as diffusers' enable_tiling.
+        verified now, each component is opened when a generation needs it and closed once it has done its part, the
+        U-Net runs one sample at a time (the guidance halves in turn), and the VAE decodes in tiles as diffusers' enable_tiling.
         vae_precision: the VAE decoder's compute type (fp32, bf16) where the backend picks it at load; None: the build's."""
         if verify not in VERIFY_MODES:
             raise SdrtError(f"--verify {verify!r} is not supported: accepted values are {', '.join(VERIFY_MODES)}")
@@ -340,6 +340,8 @@ class StableDiffusion:
         if s.tile:
             unet = TiledEngine(unet, "sample", "out_sample", s.tile, s.tile // 4)
         shallow = self.engine("unet_shallow", keep=("unet",)) if req.cache_interval > 1 else None
+        if self.low_memory and not self.static_shape:
+            unet, shallow = OneAtATime(unet), OneAtATime(shallow) if shallow else None  # the guidance halves in turn
         latents = self._denoise(start, scheduler, unet, context, np.float32(s.guidance), noise, progress, on_step, req.guidance_cutoff,
                                 (shallow, req.cache_interval))
         decoder = self.engine("vae_decoder")

@@ -1,7 +1,8 @@
 """Spatial tiling: an engine run on overlapping tiles of its image-shaped input, the outputs blended with
 linear ramps across the overlaps (MultiDiffusion's averaging, Bar-Tal et al. 2023, per denoising step for
 the U-Net; the same for the VAE decoder). Peak memory then follows the tile, not the image; the cost is
-that each tile sees only its own context, which the report of every tiled path measures."""
+that each tile sees only its own context, which the report of every tiled path measures. And the batch
+split (OneAtATime): each sample run alone, which costs nothing in context."""
 
 from __future__ import annotations
 
@@ -107,6 +108,21 @@ class VaeTiledDecoder:
                 kept.append(tile[:, :, : self.keep, : self.keep])
             out_rows.append(np.concatenate(kept, axis=3))
         return {"sample": np.concatenate(out_rows, axis=2)}  # (B, 3, H, W)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class OneAtATime:
+    """Runs `engine` on one sample of the batch at a time (every feed's first dim) and stacks the outputs: the
+    working memory of batch 1 (--low-memory's U-Net: the guidance halves one after the other)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        parts = [self.engine.run({name: value[k : k + 1] for name, value in feeds.items()}) for k in range(len(feeds["sample"]))]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
     def close(self) -> None:
         self.engine.close()

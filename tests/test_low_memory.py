@@ -62,14 +62,16 @@ def test_low_memory_image_matches_diffusers_with_tiling(tiny_models, tiny_engine
 @pytest.mark.parametrize("task", ["txt2img", "img2img"])
 def test_low_memory_holds_one_component_at_a_time(task, tiny_engines, monkeypatch):
     """The backend's own load and close counted around the real engines: at most one open at once with --low-memory,
-    more without (so that the count can fail)."""
+    more without (so that the count can fail); and the U-Net's batches: the guidance halves one at a time."""
     backend = engine_class("onnxruntime")
-    open_now, most = set(), {"value": 0}
+    open_now, most, unet_batches = set(), {"value": 0}, []
     real_load = backend.load.__func__
 
     def counting_load(cls, component_dir, spec, cfg):
         engine = real_load(cls, component_dir, spec, cfg)
-        real_close = engine.close
+        real_close, real_run = engine.close, engine.run
+        if spec.name == "unet":
+            engine.run = lambda feeds: unet_batches.append(len(feeds["sample"])) or real_run(feeds)
 
         def close():
             open_now.discard(id(engine))
@@ -83,6 +85,7 @@ def test_low_memory_holds_one_component_at_a_time(task, tiny_engines, monkeypatc
     extra = {"init_image": picture(32, 32), "strength": 0.7} if task == "img2img" else {}
     for low_memory, allowed in ((True, 1), (False, None)):
         most["value"] = 0
+        unet_batches.clear()
         pipe = StableDiffusion.from_engine_folder(tiny_engines["sd1"], low_memory=low_memory)
         try:
             pipe.generate(GenerateRequest(prompt=PROMPT, steps=3, seed=SEED, **extra), progress=False)
@@ -93,6 +96,7 @@ def test_low_memory_holds_one_component_at_a_time(task, tiny_engines, monkeypatc
             assert most["value"] == allowed, most
         else:
             assert most["value"] >= 3, most
+        assert set(unet_batches) == ({1} if low_memory else {2}), unet_batches
 
 
 def test_low_memory_image_equals_the_default_where_no_tile_is_needed(tiny_engines):
