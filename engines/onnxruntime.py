@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from sdrt.components import ComponentSpec
+from sdrt.components import UNET_PASSES, ComponentSpec
 from sdrt.cpu import usable_cores
 from sdrt.errors import SdrtError
 from sdrt.model_info import ModelInfo
@@ -32,7 +32,7 @@ EXTERNAL_DATA_MIN_BYTES = 1024
 # Components whose weights MLAS repacks at load for faster GEMMs: those that run every denoising step. Prepacking is
 # most of a warm load (SD 1.5: U-Net 1.3 s, text encoder 0.4 s) and pays back only over many runs: the text encoder
 # runs 0.025 s (15%) slower per prompt without it, the U-Net ~4% per step (README, Engine folder).
-PREPACKED = ("unet", "unet_shallow")
+PREPACKED = UNET_PASSES
 
 
 def _providers(device: str) -> list[str]:
@@ -141,7 +141,7 @@ class OnnxRuntimeEngine:
 
     @classmethod
     def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
-        return cfg.precision == "int8" and cfg.int8_method == "static" and component in ("unet", "unet_shallow")
+        return cfg.precision == "int8" and cfg.int8_method == "static" and component in UNET_PASSES
 
     @classmethod
     def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig, static_sizes: dict[str, int] | None = None,
@@ -151,7 +151,7 @@ class OnnxRuntimeEngine:
         convolutions lose quality and gain no speed as ConvInteger on the CPU)."""
         cls.check(cfg)
         source = onnx_path
-        if cfg.precision == "int8" and spec.name in ("unet", "unet_shallow", "text_encoder"):
+        if cfg.precision == "int8" and spec.name in (*UNET_PASSES, "text_encoder"):
             from .quantize_onnx import quantize_dynamic_int8, quantize_static_int8
 
             if cls.needs_calibration(spec.name, cfg):

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from sdrt.components import ComponentSpec
+from sdrt.components import UNET_PASSES, ComponentSpec
 from sdrt.cpu import cpu_description, usable_cores
 from sdrt.errors import SdrtError, first_line
 from sdrt.files import locked
@@ -156,7 +156,7 @@ class OpenVinoEngine:
 
     @classmethod
     def needs_calibration(cls, component: str, cfg: BuildConfig) -> bool:
-        return cfg.precision == "int8" and component in ("unet", "unet_shallow")
+        return cfg.precision == "int8" and component in UNET_PASSES
 
     @classmethod
     def build(cls, onnx_path: Path, spec: ComponentSpec, cfg: BuildConfig, static_sizes: dict[str, int] | None = None,

@@ -12,6 +12,7 @@ only if it is an sdrt engine folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from sdrt.components import ComponentSpec, cache_branches, component_specs
@@ -163,14 +165,21 @@ def _load_modules(model_dir: Path, names: tuple[str, ...], cache_branch: int | N
         raise SdrtError(f"{model_dir}: the weights could not be loaded: {first_line(exc)}") from None
 
 
+@contextlib.contextmanager
 def _reference(model_dir: Path, info: ModelInfo, scheduler_config: dict, specs: dict[str, ComponentSpec], staging: Path,
-               threads: int) -> StableDiffusion:
-    """fp32 ONNX Runtime sessions on the exported graphs: what every build is checked against."""
+               threads: int) -> Iterator[StableDiffusion]:
+    """fp32 ONNX Runtime sessions on the exported graphs: what every build is checked against. Open only while used:
+    closed on leaving and their memory given back, so that quantization and the candidate never sit beside them."""
     from sdrt.engines.onnxruntime import OnnxRuntimeEngine
 
     cfg = LoadConfig(threads=threads)
     engines = {name: OnnxRuntimeEngine.load_graph(staging / name / "model.onnx", specs[name], cfg) for name in specs}
-    return StableDiffusion(info, scheduler_config, CLIPTokenizer(model_dir / "tokenizer"), engines)
+    reference = StableDiffusion(info, scheduler_config, CLIPTokenizer(model_dir / "tokenizer"), engines)
+    try:
+        yield reference
+    finally:
+        reference.close()
+        give_back_freed()
 
 
 def _static_sizes(cfg: BuildConfig, info: ModelInfo, component: str) -> dict[str, int] | None:
@@ -305,7 +314,7 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
                         f"(its last up block has {info.unet_up_layers} layers)")
     specs = component_specs(info, cfg.cache_branch)
     scheduler_config = _scheduler_config(model_dir)
-    staging, staging_lock, reference = None, None, None
+    staging, staging_lock = None, None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = temporary_folder(out.parent, f".{out.name}.building-")
@@ -337,12 +346,8 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
                              cfg.calibration_steps, *reference_size)
                     from .accuracy import record_unet_inputs
 
-                    with stages.stage("calibration"):  # the reference is closed after: quantization needs the memory
-                        reference = _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
+                    with stages.stage("calibration"), _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads) as reference:
                         calibration = record_unet_inputs(reference, calibration_prompts, cfg.calibration_steps, reference_size)
-                        reference.close()
-                        reference = None
-                        give_back_freed()
                 log.info("building the %s engine (%s, %s, %s)", name, cfg.backend, cfg.precision, cfg.device)
                 with stages.stage(name):
                     built = engine.build(staging / name / "model.onnx", spec, cfg, sizes, calibration[name] if needs_calibration else None)
@@ -372,15 +377,12 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
 
             log.info("checking accuracy against fp32 on %d prompts x %d steps at %dx%d", len(eval_prompts), cfg.accuracy_steps, *reference_size)
             with stages.stage("accuracy"):  # the reference, then the candidate: never both open
-                reference = _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads)
-                runs = reference_runs(reference, eval_prompts, cfg.accuracy_steps, reference_size, num_images=cfg.batch if cfg.static_shape else 1)
-                tokenizer = reference.tokenizer
-                reference.close()
-                reference = None
-                give_back_freed()
+                with _reference(model_dir, info, scheduler_config, specs, staging, cfg.threads) as reference:
+                    runs = reference_runs(reference, eval_prompts, cfg.accuracy_steps, reference_size,
+                                          num_images=cfg.batch if cfg.static_shape else 1)
                 load_cfg = LoadConfig(device=cfg.device, threads=cfg.threads, precision=cfg.precision)
                 built = {name: engine.load(staging / name, ComponentSpec.from_json(components[name]["spec"]), load_cfg) for name in specs}
-                candidate = StableDiffusion(info, scheduler_config, tokenizer, built)
+                candidate = StableDiffusion(info, scheduler_config, reference.tokenizer, built)
                 try:
                     accuracy = accuracy_report(runs, candidate)
                 finally:
@@ -420,8 +422,6 @@ def _build_engines(model_dir: Path, out: Path, cfg: BuildConfig, overwrite: bool
     except OSError as exc:
         raise _os_error(exc, out) from None
     finally:
-        if reference:
-            reference.close()
         if staging_lock is not None:
             os.close(staging_lock)
         if staging:

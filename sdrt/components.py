@@ -54,6 +54,9 @@ class ComponentSpec:
         return feeds
 
 
+UNET_PASSES = ("unet", "unet_shallow")  # what runs every denoising step: the U-Net and its step-caching shallow pass
+
+
 def cache_branches(info: ModelInfo) -> int:
     """How many step-caching branches the U-Net has: the last up block's layers but its first (DeepCache's branch b
     keeps the output of that block's layer L-2-b and recomputes the layers after it)."""
